@@ -1,0 +1,161 @@
+"""`inf-quant`: parse flags -> Recipe -> one library call -> exit code. Nothing else.
+
+Exit codes: 0 success, 1 a verification gate failed, 2 bad input or environment (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+
+EXAMPLES = """examples:
+  inf-quant gptq --bits 4                           # the bundled model -> out/inf-tiny-gptq-w4g128
+  inf-quant gptq --bits 8 --model /models/INF-34B-Chat --out /releases/inf34b-gptq-w8g128 --device cuda
+  inf-quant gptq --bits 4 --act-order --damp 0.02 --samples 256 --seqlen 2048 --json
+  inf-quant awq --model /models/INF-34B-Chat --out /releases/inf34b-awq-w4g128
+  inf-quant gptq --bits 4 --out out/x --resume       # continue an interrupted run (same bytes as uninterrupted)
+"""
+
+log = logging.getLogger("inf_quant")
+
+
+def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
+    p.add_argument("--model", help="bf16 checkpoint directory (default: the bundled models/inf-tiny)")
+    p.add_argument("--out", help="output directory (default: out/<model>-<method>-w<bits>g<group>)")
+    p.add_argument("--bits", type=int, choices=bits, help=f"weight bits (default {bits[0]})")
+    p.add_argument("--group-size", type=int, help="columns per scale/zero; -1 = per-channel (default 128)")
+    p.add_argument("--calib", help="'bundled' (default) or a path to a .jsonl ({'text': ...} per line) or .txt file")
+    p.add_argument("--samples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, max_position_embeddings))")
+    p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (default: cuda if available)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
+                   help="forward compute dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--forward-batch", type=int, help="calibration samples per forward chunk (default 4)")
+    p.add_argument("--shard-gb", type=float, help="max safetensors shard size in GB (default 5)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+    p.add_argument("--allow-pickle", action="store_true", help="accept torch pickle (.bin/.pt) weights")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inf-quant", description="Quantize INF-34B (and Llama) checkpoints to GPTQ/AWQ, verify and release them.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"inf-quant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    g = sub.add_parser("gptq", help="GPTQ 4/8-bit quantization", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _quant_args(g, (4, 8, 2))
+    g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid (default on)")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="desc_act column order (default off: Marlin-compatible)")
+    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --act-order: fix group qparams up front (default off)")
+    g.add_argument("--damp", type=float, help="damping, fraction of mean diag(H) (default 0.01)")
+    a = sub.add_parser("awq", help="AWQ 4-bit quantization (gemm format)", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _quant_args(a, (4,))
+    for name, text in (("verify", "accuracy and VRAM checks of a quantized checkpoint against its bf16 baseline"),
+                       ("fit", "analytic VRAM verdict: does a checkpoint fit a card, and at what context"),
+                       ("release", "regenerate, verify and publish every release variant from recipes")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("args", nargs="*")
+    return parser
+
+
+def recipe_from_args(args: argparse.Namespace):
+    from .config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Method, ModelConfig, OutputConfig,
+                         Recipe, RunConfig)
+
+    def pick(**kw):
+        return {k: v for k, v in kw.items() if v is not None}
+
+    method = Method(args.command)
+    q = pick(bits=args.bits, group_size=args.group_size)
+    if method is Method.GPTQ:
+        q.update(pick(sym=args.sym, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp))
+    return Recipe(
+        method=method,
+        model=ModelConfig(path=args.model or "", trust_remote_code=args.trust_remote_code,
+                          allow_pickle=args.allow_pickle),
+        calibration=CalibConfig(**pick(source=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)),
+        gptq=GPTQConfig(**q) if method is Method.GPTQ else GPTQConfig(),
+        awq=AWQConfig(**q) if method is Method.AWQ else AWQConfig(),
+        run=RunConfig(**pick(device=Device(args.device) if args.device else None,
+                             dtype=DType(args.dtype) if args.dtype else None, forward_batch=args.forward_batch)),
+        output=OutputConfig(**pick(dir=args.out, shard_gb=args.shard_gb), force=args.force, resume=args.resume),
+    )
+
+
+class _Progress:
+    """tqdm bar over layers: layer i/N, elapsed, ETA, per-layer error, peak RAM/VRAM."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, r, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        from .memory import gib
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="layers", unit="layer", file=sys.stderr, dynamic_ncols=True)
+        err = max(r.losses.values()) if r.losses else 0.0
+        post = {"err": "resumed" if r.resumed else f"{err:.3g}", "RAM": gib(r.peak_rss)}
+        if r.peak_vram:
+            post["VRAM"] = gib(r.peak_vram)
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+        if r.index == total - 1:
+            self.bar.close()
+
+
+def _quantize(args) -> int:
+    from .pipeline import quantize
+
+    report = quantize(recipe_from_args(args), progress=_Progress(args.quiet or args.json))
+    print(json.dumps(report.summary(), sort_keys=True) if args.json else report.to_text())
+    return 0
+
+
+def _not_implemented(args) -> int:
+    print(f"inf-quant {args.command}: not implemented yet", file=sys.stderr)
+    return 2
+
+
+COMMANDS = {"gptq": _quantize, "awq": _quantize, "verify": _not_implemented, "fit": _not_implemented,
+            "release": _not_implemented}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("INF_QUANT_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from .errors import InfQuantError, VerifyFailed
+
+    try:
+        return COMMANDS[args.command](args)
+    except VerifyFailed as e:
+        print(f"inf-quant: {e}", file=sys.stderr)
+        return 1
+    except InfQuantError as e:
+        print(f"inf-quant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("inf-quant: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

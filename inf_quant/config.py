@@ -1,0 +1,156 @@
+"""Frozen dataclasses for every stage's settings. Defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+
+from .errors import ConfigError
+
+
+def _check_group_size(section: str, group_size: int) -> None:
+    if group_size != -1 and (group_size < 8 or group_size % 8):
+        raise ConfigError(f"{section}.group_size must be -1 (per-channel) or a positive multiple of 8, got {group_size}")
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4
+    group_size: int = 128      # columns per (scale, zero); -1 = one group over all K (per-channel)
+    sym: bool = True
+    damp: float = 0.01         # fraction of mean(diag H) added to the diagonal
+    damp_max_retries: int = 3  # on Cholesky failure: damp x10 at most this many times, then NumericalError
+    block_size: int = 128      # columns per lazy batch update
+    act_order: bool = False    # GPTQ-format desc_act; off = Marlin-compatible
+    static_groups: bool = False  # with act_order: fix all group qparams before the solve (keeps g_idx sorted)
+
+    def __post_init__(self):
+        if self.bits not in (2, 4, 8):
+            raise ConfigError(f"gptq.bits must be 2, 4 or 8, got {self.bits}")
+        _check_group_size("gptq", self.group_size)
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"gptq.damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise ConfigError(f"gptq.block_size must be >= 1, got {self.block_size}")
+        if self.static_groups and not self.act_order:
+            raise ConfigError("gptq.static_groups only applies with act_order: true")
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    grid_points: int = 20       # scale exponent alpha in {0, 1/n, ..., (n-1)/n}
+    clip_grid: int = 20         # max-abs shrink ratios tried by the clip search
+    clip_max_shrink: float = 0.5  # smallest ratio tried is 1 - clip_max_shrink
+    clip_tokens: int = 512      # calibration tokens sampled for the clip search
+    search_tokens: int = 16384  # calibration tokens (rows) per group kept for the scale search
+
+    def __post_init__(self):
+        if self.bits != 4:
+            raise ConfigError(f"awq.bits must be 4 (the AWQ gemm format), got {self.bits}")
+        _check_group_size("awq", self.group_size)
+        if not self.zero_point:
+            raise ConfigError("awq.zero_point must be true: the AWQ gemm format stores a zero point per group")
+        if self.grid_points < 1 or self.clip_grid < 1 or self.search_tokens < 1 or self.clip_tokens < 1:
+            raise ConfigError("awq.grid_points, clip_grid, search_tokens and clip_tokens must be >= 1")
+        if not 0 <= self.clip_max_shrink < 1:
+            raise ConfigError(f"awq.clip_max_shrink must be in [0, 1), got {self.clip_max_shrink}")
+
+
+class Method(Enum):
+    GPTQ = "gptq"
+    AWQ = "awq"
+
+
+class Device(Enum):
+    AUTO = "auto"  # cuda if available, else cpu
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DType(Enum):
+    AUTO = "auto"  # bfloat16 on CUDA; float32 on CPU (exact upcast of bf16 weights; CPUs without bf16 units run it 6x faster)
+    BF16 = "bfloat16"
+    FP32 = "float32"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""                  # checkpoint directory; "" = the bundled default model (models/inf-tiny)
+    trust_remote_code: bool = False  # run the checkpoint's own config/modeling code instead of inf-quant's
+    allow_pickle: bool = False       # accept torch pickle (.bin/.pt) weights
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    source: str = "bundled"  # 'bundled' or a path to .jsonl / .txt
+    samples: int = 128
+    seqlen: int = 0          # 0 = min(2048, the model's max_position_embeddings)
+    seed: int = 0
+    sha256: str = ""         # if set, the calibration file must hash to this
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise ConfigError(f"calibration.samples must be >= 1, got {self.samples}")
+        if self.seqlen < 0:
+            raise ConfigError(f"calibration.seqlen must be >= 1 (or 0 for the model default), got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: Device = Device.AUTO
+    dtype: DType = DType.AUTO  # forward-pass compute dtype; Hessians and solves are always fp32
+    forward_batch: int = 4     # calibration samples per forward chunk
+
+    def __post_init__(self):
+        if self.forward_batch < 1:
+            raise ConfigError(f"run.forward_batch must be >= 1, got {self.forward_batch}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = ""             # "" = out/<model>-<method>-w<bits>g<group>
+    shard_gb: float = 5.0     # max bytes per safetensors shard, in 1e9 bytes
+    force: bool = False       # replace an existing output directory
+    resume: bool = False      # continue an interrupted run from its last finished layer
+
+    def __post_init__(self):
+        if self.shard_gb <= 0:
+            raise ConfigError(f"output.shard_gb must be > 0, got {self.shard_gb}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = ""
+    method: Method = Method.GPTQ
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: CalibConfig = field(default_factory=CalibConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def bits(self) -> int:
+        return self.gptq.bits if self.method is Method.GPTQ else self.awq.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.gptq.group_size if self.method is Method.GPTQ else self.awq.group_size
+
+    def fingerprint_dict(self) -> dict:
+        """What determines the output bytes (everything but where it goes and how the run is resumed)."""
+        d = to_dict(self)
+        d["output"] = {"shard_gb": self.output.shard_gb}
+        return d
+
+
+def to_dict(obj) -> dict:
+    """Dataclass -> plain dict (enums as values), for JSON/YAML."""
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = to_dict(v) if is_dataclass(v) else v.value if isinstance(v, Enum) else v
+    return out

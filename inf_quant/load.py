@@ -1,0 +1,225 @@
+"""Open a checkpoint directory and materialise it one piece at a time, straight from the shards.
+
+Nothing here builds the full model in memory: `skeleton()` is a meta-device model (no storage), and
+`load_block()` / `load_module()` read only the tensors of one decoder layer (or the embedding, final norm,
+lm_head) through safetensors' lazy `safe_open`, so peak memory is O(one layer) whatever the depth.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import CheckpointError
+from .layermap import LayerMap, layer_map_for
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = ("pytorch_model.bin", "model.pt", "pytorch_model.pt")
+ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32,
+             "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64, "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict                          # config.json as written
+    weight_map: dict[str, str]            # tensor name -> file name in `path`
+    pickle: bool = False                  # weights in torch pickle files (only with allow_pickle)
+    _infos: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def model_type(self) -> str:
+        return self.config.get("model_type", "")
+
+    @property
+    def layer_map(self) -> LayerMap:
+        return layer_map_for(self.model_type)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def names(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.weight_map if n.startswith(prefix))
+
+    def read(self, names: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Read exactly these tensors, one shard file open at a time."""
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise CheckpointError(f"{self.path}: tensors missing from the checkpoint: {', '.join(missing[:5])}")
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for fname, keys in sorted(by_file.items()):
+            if self.pickle:
+                sd = torch.load(self.path / fname, map_location="cpu", mmap=True, weights_only=True)
+                out.update({k: sd[k].to(device, copy=True) for k in keys})
+                del sd
+                continue
+            with safe_open(str(self.path / fname), framework="pt", device=str(device)) as f:
+                out.update({k: f.get_tensor(k) for k in keys})
+        return {n: out[n] for n in names}
+
+    def read_prefix(self, prefix: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """All tensors under `prefix`, keyed by their name relative to it."""
+        names = self.names(prefix)
+        if not names:
+            raise CheckpointError(f"{self.path}: no tensors under {prefix!r}")
+        return {n[len(prefix):]: t for n, t in self.read(names, device).items()}
+
+    def info(self, name: str) -> TensorInfo:
+        """dtype and shape of one tensor from the safetensors header, without reading its data."""
+        if not self._infos:
+            self._infos.update(_read_infos(self))
+        return self._infos[name]
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def _read_infos(ckpt: Checkpoint) -> dict[str, TensorInfo]:
+    infos = {}
+    for fname in ckpt.files:
+        if ckpt.pickle:
+            sd = torch.load(ckpt.path / fname, map_location="meta", mmap=True, weights_only=True)
+            infos.update({k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in sd.items()})
+            continue
+        for k, v in _safetensors_header(ckpt.path / fname).items():
+            if k != "__metadata__":
+                infos[k] = TensorInfo(ST_DTYPES[v["dtype"]], tuple(v["shape"]))
+    return infos
+
+
+def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint directory: config.json plus an index + shards, or a single safetensors file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass a checkpoint directory holding config.json")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: config.json is missing; this does not look like a transformers checkpoint")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+    weight_map, pickle = _weight_map(path, allow_pickle)
+    missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+    if missing:
+        raise CheckpointError(f"{path}: the index names shard files that are missing: {', '.join(missing)}")
+    return Checkpoint(path, config, weight_map, pickle)
+
+
+def _weight_map(path: Path, allow_pickle: bool) -> tuple[dict[str, str], bool]:
+    if (path / SAFE_INDEX).is_file():
+        return dict(json.loads((path / SAFE_INDEX).read_text())["weight_map"]), False
+    if (path / SAFE_SINGLE).is_file():
+        with safe_open(str(path / SAFE_SINGLE), framework="pt") as f:
+            return {k: SAFE_SINGLE for k in f.keys()}, False
+    pickles = [p for p in (PICKLE_INDEX, *PICKLE_SINGLE) if (path / p).is_file()]
+    if not pickles:
+        raise CheckpointError(f"{path}: no {SAFE_INDEX} or {SAFE_SINGLE} found")
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path}: weights are torch pickle files ({pickles[0]}), which can execute code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    if pickles[0] == PICKLE_INDEX:
+        return dict(json.loads((path / PICKLE_INDEX).read_text())["weight_map"]), True
+    sd = torch.load(path / pickles[0], map_location="meta", mmap=True, weights_only=True)
+    return {k: pickles[0] for k in sd}, True
+
+
+def hf_config(ckpt: Checkpoint, trust_remote_code: bool = False):
+    """The transformers config object. INF's `auto_map` (remote code) is ignored unless trust_remote_code."""
+    if trust_remote_code:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(ckpt.path), trust_remote_code=True)
+    from transformers.models.llama.configuration_llama import LlamaConfig
+
+    from .models.configuration_inflm import INFLMConfig
+
+    classes = {"inflm": INFLMConfig, "llama": LlamaConfig}
+    ckpt.layer_map  # noqa: B018 - raises a clear CheckpointError for unsupported model types
+    cfg = {k: v for k, v in ckpt.config.items() if k not in ("auto_map", "quantization_config")}
+    return classes[ckpt.model_type].from_dict(cfg)
+
+
+def skeleton(config) -> nn.Module:
+    """The whole causal LM on the meta device: module structure and shapes, no storage."""
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        if config.model_type == "inflm":
+            from .models.modeling_inflm import INFLMForCausalLM
+
+            return INFLMForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_module(ckpt: Checkpoint, meta_module: nn.Module, prefix: str, device, dtype: torch.dtype) -> nn.Module:
+    """A real copy of `meta_module` with its tensors read from the checkpoint names under `prefix`."""
+    module = copy.deepcopy(meta_module)
+    tensors = ckpt.read_prefix(prefix)
+    expected = set(module.state_dict())
+    if set(tensors) != expected:
+        raise CheckpointError(
+            f"{ckpt.path}: tensors under {prefix!r} do not match the architecture: "
+            f"missing {sorted(expected - set(tensors))[:4]}, unexpected {sorted(set(tensors) - expected)[:4]}"
+        )
+    for name, t in tensors.items():
+        shape = tuple(module.get_parameter(name).shape)
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{ckpt.path}: {prefix}{name} has shape {tuple(t.shape)}, config implies {shape}")
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def load_block(ckpt: Checkpoint, skel: nn.Module, i: int, device, dtype: torch.dtype) -> nn.Module:
+    """Decoder layer i, materialised alone."""
+    lm = ckpt.layer_map
+    return load_module(ckpt, skel.get_submodule(lm.blocks)[i], lm.block_prefix(i), device, dtype)
+
+
+def load_named(ckpt: Checkpoint, skel: nn.Module, name: str, device, dtype: torch.dtype) -> nn.Module:
+    """Embedding, final norm or lm_head (by their layer-map names)."""
+    return load_module(ckpt, skel.get_submodule(name), name + ".", device, dtype)
+
+
+def rotary(config, device) -> nn.Module:
+    """The rope module on a real device (the skeleton's buffers are on meta)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    with torch.device(device):
+        return LlamaRotaryEmbedding(config)

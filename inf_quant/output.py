@@ -1,0 +1,264 @@
+"""The output side of a quantization run: work directory (resume), assembly of the release, atomic publish.
+
+Nothing under the final directory exists until the run is complete: layers go to `.<name>.partial/`, the
+release is assembled in `.<name>.partial/out/` and renamed into place in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import __version__
+from .config import Method, Recipe, to_dict
+from .errors import ConfigError
+from .load import _safetensors_header
+from .memory import PeakMemory, gib
+from .paths import REPO_ROOT
+from .write import copy_modeling_files, copy_side_files, save_file, save_sharded_lazy, write_json
+
+log = logging.getLogger(__name__)
+STATE = "state.json"
+
+
+def default_dir(model_dir: Path, recipe: Recipe) -> Path:
+    g = "c" if recipe.group_size == -1 else recipe.group_size
+    return Path("out") / f"{model_dir.resolve().name}-{recipe.method.value}-w{recipe.bits}g{g}"
+
+
+def fingerprint(ctx) -> dict:
+    """What the output bytes depend on; a resumed run must match it exactly."""
+    return {
+        "recipe": public_recipe(ctx.recipe),
+        "calibration_sha256": ctx.calib_sha256,
+        "model_config": ctx.ckpt.config,
+        "model_files": {f: (ctx.ckpt.path / f).stat().st_size for f in ctx.ckpt.files},
+        "device": ctx.device.type,
+        "dtype": str(ctx.dtype),
+        "inf_quant": __version__,
+    }
+
+
+def public_recipe(recipe: Recipe) -> dict:
+    """The resolved recipe as written into outputs: paths reduced to names, so outputs don't embed local paths."""
+    d = recipe.fingerprint_dict()
+    d["model"]["path"] = Path(recipe.model.path).name if recipe.model.path else "bundled:inf-tiny"
+    src = recipe.calibration.source
+    d["calibration"]["source"] = src if src.startswith("bundled") else Path(src).name
+    return d
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    path: Path
+
+    def layer_file(self, i: int) -> Path:
+        return self.path / f"layer-{i:05d}.safetensors"
+
+    def save_layer(self, i: int, tensors: dict[str, torch.Tensor], ctx) -> None:
+        tmp = self.path / f"layer-{i:05d}.tmp"
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, self.layer_file(i))
+
+
+def open_work_dir(ctx) -> WorkDir:
+    out, rec = ctx.out_dir, ctx.recipe.output
+    if out.exists() and not rec.force:
+        raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    work = WorkDir(out.parent / f".{out.name}.partial")
+    fp = json.loads(json.dumps(fingerprint(ctx), sort_keys=True))
+    state = work.path / STATE
+    if work.path.exists() and rec.resume and state.is_file():
+        if json.loads(state.read_text())["fingerprint"] != fp:
+            raise ConfigError(f"{work.path}: the interrupted run used a different recipe, model or calibration; "
+                              "rerun without --resume to start over")
+        done = sorted(work.path.glob("layer-*.safetensors"))
+        log.info("resuming %s: %d finished layers", work.path, len(done))
+        return work
+    if work.path.exists():
+        log.info("discarding the unfinished run in %s (pass --resume to continue it)", work.path)
+        shutil.rmtree(work.path)
+    elif rec.resume:
+        log.info("--resume: no unfinished run at %s; starting from layer 0", work.path)
+    work.path.mkdir(parents=True)
+    write_json(state, {"fingerprint": fp})
+    return work
+
+
+def _block_leftovers(ctx, i: int, saved: set[str]) -> list[str]:
+    """Input tensors of layer i that the method did not rewrite (norms for GPTQ), excluding quantized linears."""
+    prefix, linears = ctx.lmap.block_prefix(i), ctx.lmap.linears
+    names = []
+    for n in ctx.ckpt.names(prefix):
+        module = n[len(prefix):].rsplit(".", 1)[0]
+        if module not in linears and n not in saved:
+            names.append(n)
+    return names
+
+
+def _tensor_plan(ctx, work: WorkDir) -> tuple[dict[str, int], dict[str, Path]]:
+    """Ordered name -> bytes of the release, and which work file holds each quantized tensor."""
+    from .load import ST_DTYPES, TensorInfo
+
+    sizes, source = {}, {}
+    lm = ctx.lmap
+    for n in ctx.ckpt.names(lm.embed + "."):
+        sizes[n] = ctx.ckpt.info(n).nbytes
+    for i in range(ctx.ckpt.num_layers):
+        f = work.layer_file(i)
+        layer = {k: v for k, v in _safetensors_header(f).items() if k != "__metadata__"}
+        for n in _block_leftovers(ctx, i, set(layer)):
+            sizes[n] = ctx.ckpt.info(n).nbytes
+        for n in sorted(layer):
+            sizes[n] = TensorInfo(ST_DTYPES[layer[n]["dtype"]], tuple(layer[n]["shape"])).nbytes
+            source[n] = f
+    for prefix in (lm.final_norm + ".", lm.lm_head + "."):
+        for n in ctx.ckpt.names(prefix):
+            sizes[n] = ctx.ckpt.info(n).nbytes
+    return dict(sorted(sizes.items(), key=lambda kv: _order_key(kv[0], lm))), source
+
+
+def _order_key(name: str, lm) -> tuple:
+    if name.startswith(lm.embed + "."):
+        return (0, 0, name)
+    if name.startswith(lm.blocks + "."):
+        return (1, int(name[len(lm.blocks) + 1:].split(".", 1)[0]), name)
+    return (2, 0 if name.startswith(lm.final_norm + ".") else 1, name)
+
+
+def _fetch(ctx, source: dict[str, Path]):
+    def fetch(keys: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        from_work = [k for k in keys if k in source]
+        for f in sorted({source[k] for k in from_work}):
+            with safe_open(str(f), framework="pt") as h:
+                out.update({k: h.get_tensor(k) for k in from_work if source[k] == f})
+        out.update(ctx.ckpt.read([k for k in keys if k not in source]))
+        return out
+
+    return fetch
+
+
+def quantization_config(recipe: Recipe) -> dict:
+    if recipe.method is Method.GPTQ:
+        g = recipe.gptq
+        return {"quant_method": "gptq", "bits": g.bits, "group_size": g.group_size, "desc_act": g.act_order,
+                "sym": g.sym, "damp_percent": g.damp, "true_sequential": True, "static_groups": g.static_groups,
+                "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
+                "meta": {"quantizer": [f"inf-quant:{__version__}"]}}
+    a = recipe.awq
+    return {"quant_method": "awq", "bits": a.bits, "group_size": a.group_size, "zero_point": a.zero_point,
+            "version": "gemm", "modules_to_not_convert": ["lm_head"]}
+
+
+def _git_commit() -> str:
+    try:
+        r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                           timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_configs(ctx, staging: Path) -> None:
+    cfg = {k: v for k, v in ctx.ckpt.config.items() if k not in ("auto_map", "quantization_config")}
+    cfg["quantization_config"] = quantization_config(ctx.recipe)
+    copied = copy_side_files(ctx.model_dir, staging)
+    if ctx.ckpt.model_type == "inflm":
+        copy_modeling_files(staging)
+        cfg["auto_map"] = {"AutoConfig": "configuration_inflm.INFLMConfig",
+                           "AutoModelForCausalLM": "modeling_inflm.INFLMForCausalLM"}
+        tcfg = staging / "tokenizer_config.json"
+        if tcfg.is_file():
+            t = json.loads(tcfg.read_text(encoding="utf-8"))
+            if t.get("tokenizer_class") == "INFLMTokenizer":
+                t["auto_map"] = {"AutoTokenizer": ["tokenization_inflm.INFLMTokenizer", None]}
+                write_json(tcfg, t)
+    write_json(staging / "config.json", cfg)
+    if ctx.recipe.method is Method.GPTQ:
+        q = cfg["quantization_config"]
+        write_json(staging / "quantize_config.json", {k: q[k] for k in (
+            "bits", "group_size", "desc_act", "sym", "damp_percent", "true_sequential", "static_groups",
+            "checkpoint_format", "quant_method")})
+    gen = ctx.model_dir / "generation_config.json"
+    if gen.is_file() and "generation_config.json" not in copied:
+        shutil.copyfile(gen, staging / "generation_config.json")
+    write_json(staging / "inf_quant.json", {"inf_quant_version": __version__, "git_commit": _git_commit(),
+                                            "recipe": public_recipe(ctx.recipe),
+                                            "calibration_sha256": ctx.calib_sha256,
+                                            "copied_from_input": copied})
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    out_dir: Path
+    method: str
+    bits: int
+    group_size: int
+    layers: int
+    seconds: float
+    peak_rss: int
+    peak_vram: int
+    size_bytes: int
+    quantized_params: int
+    bits_per_weight: float   # bits on disk per quantized weight (codes + scales + zeros + g_idx)
+    results: tuple
+
+    def summary(self) -> dict:
+        return {"out_dir": str(self.out_dir), "method": self.method, "bits": self.bits,
+                "group_size": self.group_size, "layers": self.layers, "seconds": round(self.seconds, 2),
+                "peak_rss_bytes": self.peak_rss, "peak_vram_bytes": self.peak_vram, "size_bytes": self.size_bytes,
+                "quantized_params": self.quantized_params, "bits_per_weight": round(self.bits_per_weight, 4),
+                "resumed_layers": sum(r.resumed for r in self.results),
+                "adjustments": [n for r in self.results for n in r.notes]}
+
+    def to_text(self) -> str:
+        rows = [("output", str(self.out_dir)), ("method", f"{self.method} w{self.bits} g{self.group_size}"),
+                ("layers", str(self.layers)), ("time", f"{self.seconds:.1f} s"), ("peak RAM", gib(self.peak_rss)),
+                ("peak VRAM", gib(self.peak_vram) if self.peak_vram else "- (cpu)"),
+                ("size on disk", f"{self.size_bytes / 1e9:.3f} GB"),
+                ("bits per weight", f"{self.bits_per_weight:.3f} (quantized linears)")]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def publish(ctx, work: WorkDir, results: list, seconds: float, peak: PeakMemory) -> QuantizeReport:
+    staging = work.path / "out"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    sizes, source = _tensor_plan(ctx, work)
+    meta = {"inf_quant": json.dumps({"version": __version__, "recipe": public_recipe(ctx.recipe)}, sort_keys=True)}
+    save_sharded_lazy(sizes, _fetch(ctx, source), staging, int(ctx.recipe.output.shard_gb * 1e9), meta)
+    write_configs(ctx, staging)
+    qbits = sum(sizes[n] * 8 for n in source if n.rsplit(".", 1)[1] in ("qweight", "qzeros", "scales", "g_idx"))
+    qparams = sum(ctx.ckpt.info(f"{ctx.lmap.block_prefix(i)}{n}.weight").shape[0] *
+                  ctx.ckpt.info(f"{ctx.lmap.block_prefix(i)}{n}.weight").shape[1]
+                  for i in range(ctx.ckpt.num_layers) for n in ctx.lmap.linears)
+    out = ctx.out_dir
+    if out.exists():  # --force: swap in the new release, then drop the old one
+        trash = out.parent / f".{out.name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+    shutil.rmtree(work.path)
+    rss, vram = peak.read()
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return QuantizeReport(out, ctx.recipe.method.value, ctx.recipe.bits, ctx.recipe.group_size,
+                          ctx.ckpt.num_layers, seconds, rss, vram, size, qparams, qbits / max(qparams, 1),
+                          tuple(results))
+
+
+__all__ = ["QuantizeReport", "default_dir", "open_work_dir", "publish", "to_dict"]

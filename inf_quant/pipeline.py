@@ -1,0 +1,241 @@
+"""The block loop: load one decoder layer, calibrate, quantize, propagate, save, free.
+
+Layer i is calibrated on the outputs of the already-quantized layers 0..i-1 (sequential), and inside a layer the
+linear groups of the layer map go in order, each seeing the earlier groups quantized (true sequential). Memory
+is one decoder layer + the calibration activations [S, T, D] (twice: inputs and outputs) + one group's H.
+Finished layers are saved to a work directory, so `resume` rebuilds them from disk instead of re-solving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from . import output
+from .calibrate import file_sha256, read_records, resolve_text_file, sample_windows, token_stream
+from .config import Device, DType, Method, Recipe
+from .errors import CheckpointError, ConfigError
+from .layermap import LayerMap
+from .load import Checkpoint, hf_config, load_block, load_named, open_checkpoint, rotary, skeleton
+from .memory import PeakMemory
+from .paths import DEFAULT_MODEL
+from .qformat import from_tensors, to_tensors
+from .quant.gptq import accumulate_hessian, gptq_quantize
+from .quant.grid import resolve_group_size
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    index: int
+    seconds: float
+    losses: dict[str, float]  # proxy loss per quantized linear (GPTQ) or output MSE (AWQ)
+    notes: tuple[str, ...]    # adjustments made in this layer (damping raised, folds skipped)
+    peak_rss: int             # bytes, process peak so far
+    peak_vram: int            # bytes, torch peak allocated so far (0 on CPU)
+    resumed: bool             # rebuilt from the work directory, not re-quantized
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything resolved before the first layer: validated inputs and calibration batches."""
+
+    recipe: Recipe
+    model_dir: Path
+    ckpt: Checkpoint
+    config: object
+    lmap: LayerMap
+    device: torch.device
+    dtype: torch.dtype
+    ids: torch.Tensor        # [S, T] int64 calibration windows
+    calib_sha256: str
+    out_dir: Path
+
+
+def resolve_device(recipe: Recipe) -> tuple[torch.device, torch.dtype]:
+    dev = recipe.run.device
+    if dev is Device.CUDA and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    if dev is Device.AUTO:
+        dev = Device.CUDA if torch.cuda.is_available() else Device.CPU
+    device = torch.device(dev.value)
+    if recipe.run.dtype is DType.AUTO:
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, recipe.run.dtype.value)
+
+
+def validate_shapes(ckpt: Checkpoint, lmap: LayerMap, recipe: Recipe) -> None:
+    """Every linear of every layer exists and fits the group size and packing, checked before any work."""
+    for i in range(ckpt.num_layers):
+        for name in lmap.linears:
+            full = f"{lmap.block_prefix(i)}{name}.weight"
+            if full not in ckpt.weight_map:
+                raise CheckpointError(f"{ckpt.path}: {full} is missing from the checkpoint")
+            n, k = ckpt.info(full).shape
+            resolve_group_size(k, recipe.group_size, full[: -len(".weight")])
+            if n % 8 or k % 8:
+                raise ConfigError(f"{full[:-7]}: shape [{n}, {k}] cannot be packed ({recipe.method.value} needs "
+                                  "out and in features divisible by 8); add the layer to 'skip'")
+
+
+def prepare(recipe: Recipe) -> Context:
+    model_dir = Path(recipe.model.path) if recipe.model.path else DEFAULT_MODEL
+    ckpt = open_checkpoint(model_dir, recipe.model.allow_pickle)
+    lmap = ckpt.layer_map
+    config = hf_config(ckpt, recipe.model.trust_remote_code)
+    validate_shapes(ckpt, lmap, recipe)
+    device, dtype = resolve_device(recipe)
+    max_pos = int(getattr(config, "max_position_embeddings", 2048))
+    seqlen = recipe.calibration.seqlen or min(2048, max_pos)
+    if seqlen > max_pos:
+        raise ConfigError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings={max_pos}; use <= {max_pos}")
+    calib_file = resolve_text_file(recipe.calibration.source)
+    sha = file_sha256(calib_file)
+    if recipe.calibration.sha256 and sha != recipe.calibration.sha256:
+        raise ConfigError(f"calibration file {calib_file} has sha256 {sha}, the recipe expects "
+                          f"{recipe.calibration.sha256}; restore the file or update the recipe")
+    tok = load_tokenizer(model_dir, recipe.model.trust_remote_code)
+    stream = token_stream(tok, [r["text"] for r in read_records(calib_file)])
+    if int(stream.max()) >= config.vocab_size:
+        raise CheckpointError(f"{model_dir}: the tokenizer produces id {int(stream.max())} but the model's "
+                              f"vocab_size is {config.vocab_size}; the tokenizer files do not belong to this model")
+    ids = sample_windows(stream, recipe.calibration.samples, seqlen, recipe.calibration.seed)
+    out_dir = Path(recipe.output.dir) if recipe.output.dir else output.default_dir(model_dir, recipe)
+    return Context(recipe, model_dir, ckpt, config, lmap, device, dtype, ids, sha, out_dir)
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the hooked module is needed for this pass."""
+
+
+def run_block(block: nn.Module, x: torch.Tensor, rope: tuple) -> torch.Tensor:
+    """One decoder layer on x: [B, T, D]; causal attention (no padding), positions 0..T-1."""
+    cos, sin = rope
+    pos = torch.arange(x.shape[1], device=x.device)[None]
+    out = block(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def forward_all(block: nn.Module, hidden: torch.Tensor, rope: tuple, batch: int) -> torch.Tensor:
+    """The layer's outputs for all calibration samples, in chunks: [S, T, D] (a new tensor)."""
+    return torch.cat([run_block(block, hidden[s: s + batch], rope) for s in range(0, len(hidden), batch)])
+
+
+def capture_inputs(block: nn.Module, module: nn.Module, hidden: torch.Tensor, rope: tuple, batch: int,
+                   consume: Callable[[torch.Tensor], None]) -> None:
+    """Feed `module`'s input, chunk by chunk, to `consume`; each pass stops right after that input is seen."""
+
+    def hook(_mod, args):
+        consume(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for s in range(0, len(hidden), batch):
+            try:
+                run_block(block, hidden[s: s + batch], rope)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+
+
+def gptq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
+    """Quantize one layer with GPTQ, group by group; the block's weights become their dequantized values."""
+    tensors, losses, notes = {}, {}, []
+    cfg = ctx.recipe.gptq
+    for group in ctx.lmap.groups:
+        mods = [block.get_submodule(n) for n in group.names]
+        state = {"h": None, "n": 0}
+
+        def consume(x, state=state):
+            state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x)
+
+        capture_inputs(block, mods[0], hidden, rope, ctx.recipe.run.forward_batch, consume)
+        for name, mod in zip(group.names, mods):
+            full = f"{ctx.lmap.block_prefix(i)}{name}"
+            q = gptq_quantize(mod.weight.float(), state["h"], cfg, name=full)
+            if q.damp > cfg.damp:
+                notes.append(f"{full}: damping raised to {q.damp:g}")
+            t = to_tensors(q, Method.GPTQ, full)
+            tensors.update({f"{full}.{k}": v for k, v in t.items()})
+            set_weight(mod, from_tensors(t, Method.GPTQ, cfg.bits, mod.in_features))
+            losses[name] = q.proxy_loss
+        del state
+    return tensors, losses, notes
+
+
+def set_weight(mod: nn.Linear, w: torch.Tensor) -> None:
+    mod.weight.data = w.to(device=mod.weight.device, dtype=mod.weight.dtype)
+
+
+def apply_saved(ctx: Context, block: nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Give a freshly loaded block the weights a finished (saved) layer stands for."""
+    method = ctx.recipe.method
+    for name in ctx.lmap.linears:
+        full = f"{ctx.lmap.block_prefix(i)}{name}"
+        mod = block.get_submodule(name)
+        t = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == full}
+        set_weight(mod, from_tensors(t, method, ctx.recipe.bits, mod.in_features))
+    prefix = ctx.lmap.block_prefix(i)
+    for k, v in tensors.items():  # non-linear tensors a method changed (AWQ-folded norms)
+        rel = k[len(prefix):]
+        if not any(rel.startswith(n + ".") for n in ctx.lmap.linears):
+            block.get_parameter(rel).data = v.to(block.get_parameter(rel))
+
+
+def quantize_layer(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
+    if ctx.recipe.method is Method.GPTQ:
+        return gptq_block(ctx, block, i, hidden, rope)
+    from .awq_block import awq_block
+
+    return awq_block(ctx, block, i, hidden, rope)
+
+
+def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None = None) -> output.QuantizeReport:
+    """Quantize recipe.model with recipe.method into recipe.output.dir (atomically). See module docstring."""
+    t0 = time.monotonic()
+    ctx = prepare(recipe)
+    work = output.open_work_dir(ctx)
+    peak = PeakMemory(ctx.device)
+    skel = skeleton(ctx.config)
+    rope_mod = rotary(ctx.config, ctx.device)
+    with torch.no_grad():
+        embed = load_named(ctx.ckpt, skel, ctx.lmap.embed, ctx.device, ctx.dtype)
+        hidden = embed(ctx.ids.to(ctx.device))  # [S, T, D]; e.g. 128 x 2048 x 8192 bf16 = 4 GiB for INF-34B
+        del embed
+        rope = rope_mod(hidden[:1], torch.arange(hidden.shape[1], device=ctx.device)[None])
+        results = []
+        for i in range(ctx.ckpt.num_layers):
+            t_layer = time.monotonic()
+            block = load_block(ctx.ckpt, skel, i, ctx.device, ctx.dtype)
+            saved = work.layer_file(i)
+            if saved.is_file():
+                apply_saved(ctx, block, i, load_file(saved))
+                losses, notes, resumed = {}, [], True
+            else:
+                tensors, losses, notes = quantize_layer(ctx, block, i, hidden, rope)
+                work.save_layer(i, tensors, ctx)
+                resumed = False
+            for note in notes:
+                log.warning("layer %d: %s", i, note)
+            hidden = forward_all(block, hidden, rope, recipe.run.forward_batch)
+            del block
+            rss, vram = peak.read()
+            results.append(LayerResult(i, time.monotonic() - t_layer, losses, tuple(notes), rss, vram, resumed))
+            if progress:
+                progress(results[-1], ctx.ckpt.num_layers)
+        del hidden
+    return output.publish(ctx, work, results, time.monotonic() - t0, peak)
+
+
+__all__ = ["quantize", "prepare", "LayerResult", "Context"]

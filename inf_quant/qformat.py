@@ -1,0 +1,48 @@
+"""A quantized Linear as checkpoint tensors, and back: GPTQ v1 and AWQ gemm.
+
+`to_tensors` turns a QuantizedWeight into the tensors written under `<module>.` and `from_tensors` rebuilds the
+weight the loaders will compute from them. The pipeline propagates calibration activations through exactly
+`from_tensors(to_tensors(q))`, so a resumed run (which rebuilds finished layers from disk) is bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import Method
+from .pack import (fp16_checked, pack_awq, pack_gptq, unpack_awq_qweight, unpack_awq_qzeros, unpack_gptq_qweight,
+                   unpack_gptq_qzeros)
+from .quant.grid import QuantizedWeight
+
+SUFFIXES = {Method.GPTQ: ("qweight", "qzeros", "scales", "g_idx"), Method.AWQ: ("qweight", "qzeros", "scales")}
+
+
+def to_tensors(q: QuantizedWeight, method: Method, name: str) -> dict[str, Tensor]:
+    """Checkpoint tensors of one Linear (keys are the SUFFIXES); scales checked against fp16's range."""
+    scales = fp16_checked(q.scale.t().contiguous(), f"{name}.scales")  # [n_groups, N] fp16
+    codes, zero = q.codes.cpu(), q.zero.cpu()
+    if method is Method.GPTQ:
+        qweight, qzeros = pack_gptq(codes, zero, q.bits)
+        return {"qweight": qweight, "qzeros": qzeros, "scales": scales.cpu(), "g_idx": q.g_idx.cpu()}
+    qweight, qzeros = pack_awq(codes, zero)
+    return {"qweight": qweight, "qzeros": qzeros, "scales": scales.cpu()}
+
+
+def from_tensors(t: dict[str, Tensor], method: Method, bits: int, in_features: int) -> Tensor:
+    """The dequantized weight [N, K] fp32 that `t` encodes: scale * (code - zero), per column's group."""
+    if method is Method.GPTQ:
+        codes = unpack_gptq_qweight(t["qweight"], bits, in_features)          # [N, K]
+        zero = unpack_gptq_qzeros(t["qzeros"], bits, codes.shape[0])          # [N, n_groups]
+        g_idx = t["g_idx"].long()
+    else:
+        codes = unpack_awq_qweight(t["qweight"])                             # [N, K]
+        zero = unpack_awq_qzeros(t["qzeros"])
+        g_idx = torch.arange(in_features) // (in_features // zero.shape[1])
+    scale = t["scales"].float().t()                                           # [N, n_groups]
+    return (codes.float() - zero[:, g_idx].float()) * scale[:, g_idx]
+
+
+def weight_bits(t: dict[str, Tensor]) -> int:
+    """Bits on disk of one quantized Linear's tensors."""
+    return sum(v.numel() * v.element_size() * 8 for v in t.values())

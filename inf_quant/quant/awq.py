@@ -1,0 +1,286 @@
+"""AWQ: activation-aware scale search, clip search and scale folding (Lin et al. 2023).
+
+AWQ protects the weights that see large activations. For a group of Linears sharing one input x,
+it searches a per-input-channel scale s = act_mean ** alpha (paper Eq. 5), multiplies the Linears'
+input columns by s and divides the previous op's output by s, so the fp32 function is unchanged
+but quantization error moves away from salient channels. A second search shrinks each group's
+max |w| (AutoAWQ's clip search). Results are frozen dataclasses that can be saved and applied later.
+
+Loss conventions follow AutoAWQ (`auto_scale.py`, `auto_clip.py`); every search evaluates the
+identity candidate (alpha = 0, clip ratio = 1), so its result never loses to it on its own data.
+Every function works on the device of its inputs (pass them on one device), does its math in fp32,
+and never modifies its arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import AWQConfig
+from ..errors import ConfigError, NumericalError
+from .grid import QuantizedWeight
+
+__all__ = [
+    "ScaleResult", "ClipResult", "activation_stats", "search_scale", "search_clip", "apply_clip",
+    "fold_scale_into_norm", "fold_scale_into_linear_outputs", "scale_linear_inputs",
+    "can_fold_into_linear",
+]
+
+_ROWS_PER_CHUNK = 4096   # calibration rows per matmul in the searches; bounds peak memory only
+_CLIP_OUT_CHANNELS = 256  # output channels per clip-search batch (AutoAWQ's oc_batch_size)
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    scales: Tensor        # [K] fp32: divide the previous op's output by these,
+                          # multiply the linears' input columns by them
+    alpha: float          # best exponent in s = act_mean ** alpha
+    loss: float           # mean squared output error at the best alpha
+    loss_unscaled: float  # the same at scale = 1 (alpha = 0)
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    max_val: Tensor        # [N, K // G] fp32 per-group clip threshold: w is clamped to [-max_val, max_val]
+    loss: float            # mean over (N, K // G) of the best per-group output error
+    loss_unclipped: float  # the same without clipping (ratio 1)
+
+
+def _group_size(k: int, group_size: int) -> int:
+    """The effective G for K input features (group_size = -1 means one group per row)."""
+    g = k if group_size == -1 else group_size
+    if k % g:
+        raise ConfigError(
+            f"awq: in_features={k} is not divisible by group_size={group_size}; "
+            "use a group_size that divides it, or add the layer to 'skip'"
+        )
+    return g
+
+
+def _asym_qparams(wg: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """AutoAWQ's asymmetric grid per row of wg: [R, G] fp32 -> scale [R, 1] fp32, zero [R, 1] fp32 (integer-valued)."""
+    max_int = 2**bits - 1
+    w_max, w_min = wg.amax(dim=1, keepdim=True), wg.amin(dim=1, keepdim=True)
+    scale = (w_max - w_min).clamp(min=1e-5) / max_int
+    zero = (-torch.round(w_min / scale)).clamp(0, max_int)
+    return scale, zero
+
+
+def _fake_quant(w: Tensor, bits: int, group_size: int, zero_point: bool) -> Tensor:
+    """Per-group round-to-nearest quantize then dequantize (AutoAWQ's pseudo_quantize_tensor).
+
+    w: [N, K] fp32    not modified
+    returns [N, K] fp32, each group of G columns on its own grid: asymmetric min/max with an integer
+    zero point in [0, 2**bits - 1] if zero_point, else symmetric max|w| over [-2**(bits-1), 2**(bits-1) - 1].
+    """
+    n, k = w.shape
+    wg = w.to(torch.float32).reshape(-1, _group_size(k, group_size))
+    if zero_point:
+        max_int = 2**bits - 1
+        scale, zero = _asym_qparams(wg, bits)
+        q = (torch.clamp(torch.round(wg / scale) + zero, 0, max_int) - zero) * scale
+    else:
+        max_int, min_int = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+        scale = wg.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / max_int
+        q = torch.clamp(torch.round(wg / scale), min_int, max_int) * scale
+    return q.reshape(n, k)
+
+
+def awq_quantize(w: Tensor, cfg: AWQConfig) -> QuantizedWeight:
+    """The final integer quantization of an (already scaled and clipped) weight, on the grid the search used.
+
+    w: [N, K] fp32   not modified
+    Returns codes [N, K] uint8, scale / zero [N, K // G] (fp32 / int32), g_idx = i // G: the same values
+    `_fake_quant(w, ..., zero_point=True)` dequantizes to.
+    """
+    if not cfg.zero_point:
+        raise ConfigError("awq.zero_point must be true: the AWQ gemm format stores a zero point per group")
+    n, k = w.shape
+    g = _group_size(k, cfg.group_size)
+    wg = w.to(torch.float32).reshape(-1, g)                          # [N * K/G, G]
+    scale, zero = _asym_qparams(wg, cfg.bits)
+    codes = torch.clamp(torch.round(wg / scale) + zero, 0, 2**cfg.bits - 1)
+    g_idx = (torch.arange(k, device=w.device) // g).to(torch.int32)
+    return QuantizedWeight(codes.to(torch.uint8).reshape(n, k), scale.reshape(n, k // g),
+                           zero.to(torch.int32).reshape(n, k // g), g_idx, None, cfg.bits, 0.0, 0.0)
+
+
+def activation_stats(x: Tensor) -> Tensor:
+    """Mean |x| per input channel: AutoAWQ's x_max ("input feat") statistic, s_X in the paper.
+
+    x: [M, K] any float dtype, M = S*T calibration tokens; not modified
+    returns [K] fp32 on x's device. Accumulated in fp32 over row chunks (no full fp32 copy of x).
+    """
+    total = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
+        total += x[start:start + _ROWS_PER_CHUNK].to(torch.float32).abs().sum(dim=0)
+    return total / x.shape[0]
+
+
+def _candidate_scales(act_mean: Tensor, alpha: float) -> Tensor:
+    """s = act_mean ** alpha, clamped at 1e-4, normalised by sqrt(max * min) as in AutoAWQ.
+
+    act_mean: [K] fp32; returns [K] fp32. alpha = 0 gives exactly ones.
+    """
+    s = act_mean.pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def _output_sq_error(x: Tensor, delta: Tensor) -> float:
+    """sum ||x delta^T||^2 over row chunks; x: [M, K] any float dtype, delta: [N, K] fp32."""
+    err = 0.0
+    for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
+        xc = x[start:start + _ROWS_PER_CHUNK].to(torch.float32)
+        err += float((xc @ delta.T).pow(2).sum())
+    return err
+
+
+def search_scale(x: Tensor, weights: list[Tensor], cfg: AWQConfig) -> ScaleResult:
+    """Grid search for the AWQ per-channel scale (Lin et al. 2023, Sec. 3.2, Eq. 4-5).
+
+    x:       [M, K] bf16/fp32   the group's shared input, M = S*T tokens; not modified
+    weights: list of [N_i, K] fp32  Linears that read x (e.g. q, k, v); not modified
+    For alpha in {0, 1/n, ..., (n-1)/n}, n = cfg.grid_points, with s = _candidate_scales(alpha):
+        loss(alpha) = sum_i ||x W_i^T - (x/s) Q(W_i s)^T||^2 / (M * sum_i N_i)
+    computed as ||x delta^T||^2 with delta = concat_i(W_i - Q(W_i s)/s): [sum N_i, K] fp32 (one
+    matmul, no cancellation between two large outputs). Memory: x is read in chunks of
+    _ROWS_PER_CHUNK rows; peak extra is delta (320 MiB for INF-34B q/k/v: 10240 x 8192), one
+    [chunk, K] fp32 copy of x and one [chunk, sum N_i] fp32 output (160 MiB at chunk=4096);
+    never an [M, N] tensor.
+    """
+    k = x.shape[1]
+    for w in weights:
+        if w.shape[1] != k:
+            raise ValueError(f"search_scale: weight {tuple(w.shape)} does not read x of shape {tuple(x.shape)}")
+    act_mean = activation_stats(x)
+    n_out = x.shape[0] * sum(w.shape[0] for w in weights)
+    ws32 = [w.to(torch.float32) for w in weights]  # no copy when already fp32
+    losses, best = [], None
+    for step in range(cfg.grid_points):
+        alpha = step / cfg.grid_points
+        s = _candidate_scales(act_mean, alpha)
+        q_over_s = [_fake_quant(w * s, cfg.bits, cfg.group_size, cfg.zero_point) / s for w in ws32]
+        delta = torch.cat([w - q for w, q in zip(ws32, q_over_s)])  # [sum N_i, K] fp32
+        losses.append(_output_sq_error(x, delta) / n_out)
+        if best is None or losses[-1] < best[1]:
+            best = (alpha, losses[-1], s)
+    if not math.isfinite(losses[0]):
+        raise NumericalError(f"search_scale: unscaled output error is {losses[0]}; x or the weights hold inf/nan; "
+                             "check the calibration activations of this layer")
+    return ScaleResult(scales=best[2], alpha=best[0], loss=best[1], loss_unscaled=losses[0])
+
+
+def _clip_ratios(cfg: AWQConfig) -> list[float]:
+    """Shrink ratios 1, 1 - 1/n, ..., down to 1 - cfg.clip_max_shrink (inclusive), n = cfg.clip_grid."""
+    steps = int(cfg.clip_max_shrink * cfg.clip_grid + 1e-9)
+    return [1 - i / cfg.clip_grid for i in range(steps + 1)]
+
+
+def _clip_block(xg: Tensor, wg: Tensor, cfg: AWQConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group best clip for one block of output channels.
+
+    xg: [T, K // G, G] fp32 sampled tokens; wg: [B, K // G, G] fp32 weight block
+    returns (max_val, err, err_unclipped), each [B, K // G] fp32; err is the mean over T of the
+    squared error of the group's partial output sum_j x[t, g, j] w[b, g, j].
+    """
+    b, n_groups, g = wg.shape
+    org_out = torch.einsum("tgj,bgj->btg", xg, wg)  # [B, T, K // G] fp32
+    org_max = wg.abs().amax(dim=-1)  # [B, K // G]
+    best_max, best_err, err_unclipped = org_max.clone(), None, None
+    for ratio in _clip_ratios(cfg):
+        max_val = org_max * ratio
+        cur = torch.clamp(wg, -max_val.unsqueeze(-1), max_val.unsqueeze(-1))
+        q = _fake_quant(cur.reshape(b, n_groups * g), cfg.bits, g, cfg.zero_point).reshape(b, n_groups, g)
+        err = (torch.einsum("tgj,bgj->btg", xg, q) - org_out).pow(2).mean(dim=1)
+        if best_err is None:
+            best_err, err_unclipped = err, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, max_val, best_max)
+    return best_max, best_err, err_unclipped
+
+
+def search_clip(x: Tensor, w: Tensor, cfg: AWQConfig) -> ClipResult:
+    """AWQ clip search (AutoAWQ auto_clip): per-group max|w| shrink that minimises output error.
+
+    x: [M, K] bf16/fp32   the Linear's input; not modified. At most cfg.clip_tokens evenly
+                          spaced rows are used (deterministic, no RNG).
+    w: [N, K] fp32        already scaled by search_scale if AWQ scaling is used; not modified
+    returns ClipResult with max_val [N, K // G] fp32. Memory: per block of _CLIP_OUT_CHANNELS
+    rows, two [B, T, K // G] fp32 outputs (32 MiB at B=256, T=512, K//G=64).
+    """
+    n, k = w.shape
+    if x.shape[1] != k:
+        raise ValueError(f"search_clip: weight {tuple(w.shape)} does not read x of shape {tuple(x.shape)}")
+    g = _group_size(k, cfg.group_size)
+    t = min(x.shape[0], cfg.clip_tokens)
+    rows = torch.arange(t, device=x.device) * x.shape[0] // t  # evenly spaced, first row is 0
+    xg = x[rows].to(torch.float32).reshape(t, k // g, g)
+    w32 = w.to(torch.float32).reshape(n, k // g, g)
+    starts = range(0, n, _CLIP_OUT_CHANNELS)
+    blocks = [_clip_block(xg, w32[i:i + _CLIP_OUT_CHANNELS], cfg) for i in starts]
+    max_val, err, err_unclipped = (torch.cat(parts) for parts in zip(*blocks))
+    return ClipResult(max_val=max_val, loss=float(err.mean()), loss_unclipped=float(err_unclipped.mean()))
+
+
+def apply_clip(w: Tensor, clip: ClipResult) -> Tensor:
+    """A copy of w with each group clamped to [-max_val, max_val].
+
+    w: [N, K] any float dtype; clip.max_val: [N, K // G] fp32. returns [N, K] in w's dtype.
+    """
+    n, k = w.shape
+    n_groups = clip.max_val.shape[1]
+    if clip.max_val.shape[0] != n or k % n_groups:
+        raise ValueError(f"apply_clip: max_val {tuple(clip.max_val.shape)} does not fit weight {tuple(w.shape)}")
+    mv = clip.max_val.unsqueeze(-1)  # [N, K // G, 1]
+    wg = w.to(torch.float32).reshape(n, n_groups, k // n_groups)
+    return torch.clamp(wg, -mv, mv).reshape(n, k).to(w.dtype)
+
+
+def fold_scale_into_norm(weight: Tensor, bias: Tensor | None, scales: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Divide a norm's output by s: LayerNorm (weight and bias) or RMSNorm (bias None).
+
+    weight: [K], bias: [K] or None, scales: [K] fp32 (ScaleResult.scales); none modified.
+    returns new (weight / s, bias / s or None) in the inputs' dtypes; math in fp32.
+    Both must be divided: norm(x) = w * xhat + b, and (w * xhat + b) / s = (w/s) * xhat + b/s.
+    """
+    s = scales.to(torch.float32)
+    new_weight = (weight.to(torch.float32) / s).to(weight.dtype)
+    new_bias = None if bias is None else (bias.to(torch.float32) / s).to(bias.dtype)
+    return new_weight, new_bias
+
+
+def fold_scale_into_linear_outputs(w_prev: Tensor, scales: Tensor) -> Tensor:
+    """Divide the previous Linear's output rows by s (v_proj -> o_proj, up_proj -> down_proj).
+
+    w_prev: [K, K_prev]  previous Linear's weight; its out_features are the scaled group's K
+    scales: [K] fp32. returns a new [K, K_prev] in w_prev's dtype; math in fp32.
+    A bias on the previous Linear would need the same division (Llama-style blocks have none).
+    Check can_fold_into_linear first.
+    """
+    s = scales.to(torch.float32)
+    return (w_prev.to(torch.float32) / s.unsqueeze(1)).to(w_prev.dtype)
+
+
+def scale_linear_inputs(w: Tensor, scales: Tensor) -> Tensor:
+    """Multiply a Linear's input columns by s: W' = W diag(s).
+
+    w: [N, K], scales: [K] fp32. returns a new [N, K] in w's dtype; math in fp32.
+    """
+    s = scales.to(torch.float32)
+    return (w.to(torch.float32) * s).to(w.dtype)
+
+
+def can_fold_into_linear(prev_out_features: int, next_in_features: int) -> bool:
+    """The one shape rule for folding a scale into a previous Linear.
+
+    The scale has one entry per next_in_features column, so the previous Linear must produce
+    exactly those features. False for INF-34B GQA v_proj -> o_proj (1024 vs 8192): the caller logs
+    the skip and leaves o_proj unscaled.
+    """
+    return prev_out_features == next_in_features

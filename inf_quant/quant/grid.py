@@ -1,0 +1,136 @@
+"""Round-to-nearest integer grid: qparams, quantize, dequantize, and RTN for a whole Linear.
+
+Pure functions. The grid is the one of the GPTQ reference code (Frantar et al. 2022,
+`quant.py: Quantizer.find_params`): a value w maps to the code
+    q = clamp(round(w / scale) + zero, 0, 2**bits - 1)
+and back to
+    w_hat = scale * (q - zero)
+with an integer zero point, so w = 0 is always represented exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One quantized Linear weight, in the layout GPTQ and AWQ checkpoints start from (see pack.py)."""
+
+    codes: Tensor         # [N, K] uint8, each in [0, 2**bits)
+    scale: Tensor         # [N, n_groups] fp32
+    zero: Tensor          # [N, n_groups] int32, integer zero point in [0, 2**bits)
+    g_idx: Tensor         # [K] int32, group of each input column (i // G without act_order)
+    perm: Tensor | None   # [K] int64 column order used by act_order, else None
+    bits: int
+    proxy_loss: float     # sum of GPTQ per-column losses; 0.0 for RTN
+    damp: float           # damping fraction of mean(diag H) actually used; 0.0 for RTN
+
+
+def resolve_group_size(k: int, group_size: int, name: str = "linear") -> int:
+    """Columns per group G for a layer with in_features k; group_size -1 means one group over all k."""
+    if group_size == -1:
+        return k
+    if group_size < 1 or k % group_size:
+        fits = [g for g in (16, 32, 64, 128, 256, 512, 1024) if k % g == 0]
+        hint = f"use {', '.join(map(str, fits))} or -1" if fits else "use -1 (per-channel)"
+        raise ConfigError(
+            f"{name}: in_features={k} is not divisible by group_size={group_size}; "
+            f"{hint}, or add the layer to 'skip'"
+        )
+    return group_size
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ConfigError(f"bits must be in 1..8 (codes are stored as uint8), got {bits}")
+
+
+def qparams(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point of each row (or group) of w, from its min and max.
+
+    w:     [N, G] float  (any leading dims; the reduction is over the last dim)
+    scale: [N]    same dtype as w, > 0
+    zero:  [N]    int32 in [0, 2**bits)
+    Asymmetric: the range [min(w.min, 0), max(w.max, 0)] is split into 2**bits - 1 steps.
+    Symmetric: zero = 2**(bits-1) and the range is [-amax, amax] with amax = max |w|.
+    An all-zero row gets the range [-1, 1] (as in the GPTQ reference), so scale is never 0.
+    """
+    _check_bits(bits)
+    maxq = 2**bits - 1
+    xmin = w.amin(dim=-1).clamp(max=0)
+    xmax = w.amax(dim=-1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    # tiny: a subnormal range divided by maxq must not round to a zero scale
+    scale = ((xmax - xmin) / maxq).clamp(min=torch.finfo(w.dtype).tiny)
+    if sym:
+        zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq).to(torch.int32)
+    return scale, zero
+
+
+def _per_row(t: Tensor, like: Tensor) -> Tensor:
+    """Broadcast per-row qparams [N] against [N, C] (no-op when t already has like's rank)."""
+    return t.unsqueeze(-1) if t.dim() < like.dim() else t
+
+
+def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Codes of w on the grid (scale, zero).
+
+    w:      [N, C] or [N] float
+    scale:  [N] (one per row) or broadcastable to w
+    zero:   [N] int32 (one per row) or broadcastable to w
+    return: same shape as w, uint8 in [0, 2**bits)
+    """
+    _check_bits(bits)
+    scale, zero = _per_row(scale, w), _per_row(zero, w)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """Values of codes on the grid (scale, zero): scale * (codes - zero).
+
+    codes:  [N, C] or [N] uint8
+    scale:  [N] or broadcastable to codes; its dtype is the result dtype
+    zero:   [N] int32 or broadcastable to codes
+    """
+    scale, zero = _per_row(scale, codes), _per_row(zero, codes)
+    return scale * (codes.to(scale.dtype) - zero.to(scale.dtype))
+
+
+def expand_groups(t: Tensor, g_idx: Tensor) -> Tensor:
+    """Per-group tensor to per-column: t: [N, n_groups], g_idx: [K] int -> [N, K]."""
+    return t[:, g_idx.long()]
+
+
+@torch.no_grad()
+def rtn_quantize(w: Tensor, bits: int, group_size: int, sym: bool, name: str = "linear") -> QuantizedWeight:
+    """Round-to-nearest quantization of one Linear weight, group by group.
+
+    w: [N, K] fp32   not modified
+    group_size: G, or -1 for one group over all K; K must be divisible by G.
+    Returns codes [N, K], scale and zero [N, K // G], g_idx = i // G.
+    """
+    n, k = w.shape
+    g = resolve_group_size(k, group_size, name)
+    groups = w.to(torch.float32).reshape(n, k // g, g)  # [N, n_groups, G]
+    scale, zero = qparams(groups, bits, sym)            # [N, n_groups]
+    codes = quantize(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).reshape(n, k)
+    g_idx = (torch.arange(k, device=w.device) // g).to(torch.int32)
+    return QuantizedWeight(codes, scale, zero, g_idx, None, bits, 0.0, 0.0)
+
+
+def dequantize_weight(q: QuantizedWeight) -> Tensor:
+    """The fp32 weight a QuantizedWeight stands for: [N, K] fp32. Uses g_idx, so act_order works too."""
+    return dequantize(q.codes, expand_groups(q.scale, q.g_idx), expand_groups(q.zero, q.g_idx))

@@ -1,0 +1,209 @@
+"""gptq: the blocked solve equals a column-by-column float64 reference, equals RTN at H = I, beats
+RTN on correlated inputs, and handles dead columns, damping retries and bad Hessians."""
+
+import logging
+
+import pytest
+import torch
+
+from inf_quant.config import GPTQConfig
+from inf_quant.errors import ConfigError, NumericalError
+from inf_quant.quant.gptq import accumulate_hessian, gptq_quantize
+from inf_quant.quant.grid import dequantize, dequantize_weight, qparams, quantize, rtn_quantize
+from tolerances import (EXACT, GPTQ_LOSS_RTOL, GPTQ_MIN_GAIN_OVER_RTN, GPTQ_VS_REF_ATOL, GPTQ_VS_REF_RTOL,
+                        HESSIAN_ATOL, HESSIAN_RTOL, MAX_TIE_FRACTION, ROUNDING_TIE, assert_close)
+
+N, K = 16, 80
+
+
+def gptq_reference(w, h, cfg, codes_taken):
+    """GPTQ one column at a time in float64: no blocks, no lazy updates. Returns codes, dequantized W,
+    loss and the number of ties: where w/scale is within ROUNDING_TIE of a rounding boundary, fp32 and
+    float64 may round either way, so the reference takes codes_taken (the tested codes) to stay on one path."""
+    W, H = w.double().clone(), h.double().clone()
+    G = K if cfg.group_size == -1 else cfg.group_size
+    dead = H.diag() == 0
+    H[dead, dead], W[:, dead] = 1, 0
+    perm = torch.argsort(H.diag(), descending=True, stable=True) if cfg.act_order else torch.arange(K)
+    static_scale, static_zero = qparams(W.reshape(N, K // G, G), cfg.bits, cfg.sym)
+    W, H, codes_taken = W[:, perm], H[perm][:, perm], codes_taken[:, perm]
+    H += cfg.damp * H.diag().mean() * torch.eye(K, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes, deq, loss, ties = torch.zeros(N, K, dtype=torch.uint8), torch.zeros(N, K, dtype=H.dtype), 0.0, 0
+    for j in range(K):
+        if cfg.static_groups:
+            s, z = static_scale[:, perm[j] // G], static_zero[:, perm[j] // G]
+        elif j % G == 0:
+            s, z = qparams(W[:, j:j + G], cfg.bits, cfg.sym)
+        v = W[:, j] / s
+        tie = (v - v.floor() - 0.5).abs() < ROUNDING_TIE
+        codes[:, j] = torch.where(tie, codes_taken[:, j], quantize(W[:, j], s, z, cfg.bits))
+        ties += int(tie.sum())
+        deq[:, j] = dequantize(codes[:, j], s, z)
+        err = (W[:, j] - deq[:, j]) / Hinv[j, j]
+        loss += float(err.square().sum()) / 2
+        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+    invperm = torch.argsort(perm)
+    return codes[:, invperm], deq[:, invperm], loss, ties
+
+
+def _data(seed=0, m=256, n=N, k=K):
+    """Weight [n, k], correlated inputs x = z @ A [m, k] with uneven column scales, and H = 2/m x^T x."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = torch.randn(m, k, generator=g) @ mix * torch.rand(k, generator=g).add(0.2)
+    w = torch.randn(n, k, generator=g)
+    return w, x, 2 / m * x.T @ x
+
+
+CASES = [dict(group_size=g, sym=s, act_order=a, block_size=b)
+         for g in (16, -1) for s in (True, False) for a in (False, True) for b in (24, 7)]
+CASES += [dict(group_size=16, sym=s, act_order=True, static_groups=True, block_size=b)
+          for s in (True, False) for b in (24, 128)]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_blocked_equals_column_reference(kw):
+    cfg = GPTQConfig(bits=4, **kw)
+    w, x, h = _data()
+    q = gptq_quantize(w, h, cfg)
+    ref_codes, ref_deq, ref_loss, ties = gptq_reference(w, h, cfg, q.codes)
+    assert ties <= MAX_TIE_FRACTION * N * K, f"{ties} near-ties: the test data no longer tests rounding"
+    assert_close(q.codes, ref_codes, EXACT, EXACT, "codes vs reference")
+    assert_close(dequantize_weight(q), ref_deq, GPTQ_VS_REF_ATOL, GPTQ_VS_REF_RTOL, "dequantized W vs reference")
+    assert_close(torch.tensor(q.proxy_loss), torch.tensor(ref_loss), EXACT, GPTQ_LOSS_RTOL, "proxy loss")
+    assert q.damp == cfg.damp
+    if cfg.act_order and not cfg.static_groups:
+        assert q.perm is not None and sorted(q.perm.tolist()) == list(range(K))
+    else:
+        g = K if cfg.group_size == -1 else cfg.group_size
+        assert q.g_idx.tolist() == [i // g for i in range(K)]
+
+
+def test_act_order_g_idx_maps_columns_to_groups():
+    cfg = GPTQConfig(bits=4, group_size=16, act_order=True)
+    w, x, h = _data()
+    q = gptq_quantize(w, h, cfg)
+    assert q.perm.tolist() == torch.argsort(h.diag(), descending=True, stable=True).tolist()
+    for position, column in enumerate(q.perm.tolist()):
+        assert int(q.g_idx[column]) == position // 16
+    assert torch.bincount(q.g_idx.long()).tolist() == [16] * (K // 16)
+
+
+@pytest.mark.parametrize("group_size", [16, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_identity_hessian_equals_rtn(group_size, sym):
+    w, _, _ = _data()
+    q = gptq_quantize(w, torch.eye(K), GPTQConfig(bits=4, group_size=group_size, sym=sym, block_size=7))
+    r = rtn_quantize(w, 4, group_size, sym)
+    assert_close(q.codes, r.codes, EXACT, EXACT, "codes vs RTN")
+    assert_close(q.scale, r.scale, EXACT, EXACT, "scale vs RTN")
+    assert_close(q.zero, r.zero, EXACT, EXACT, "zero vs RTN")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_beats_rtn_on_correlated_inputs(act_order):
+    w, x, h = _data(seed=1, m=512, n=64, k=128)
+    q = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, sym=False, act_order=act_order))
+    r = rtn_quantize(w, 4, 32, sym=False)
+    gptq_err = (x @ (w - dequantize_weight(q)).T).square().sum()
+    rtn_err = (x @ (w - dequantize_weight(r)).T).square().sum()
+    assert gptq_err <= (1 - GPTQ_MIN_GAIN_OVER_RTN) * rtn_err, f"GPTQ {gptq_err:.4g} vs RTN {rtn_err:.4g}"
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_columns(act_order):
+    w, x, _ = _data()
+    dead = [5, 40, 79]
+    x[:, dead] = 0
+    h = 2 / x.shape[0] * x.T @ x
+    q = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, act_order=act_order, block_size=24))
+    deq = dequantize_weight(q)
+    assert_close(deq[:, dead], torch.zeros(N, len(dead)), EXACT, EXACT, "weight at dead columns")
+    assert bool(torch.isfinite(x @ deq.T).all()) and bool(torch.isfinite(deq).all())
+
+
+def test_nan_hessian_raises_naming_layer():
+    w, _, h = _data()
+    h[3, 3] = float("nan")
+    with pytest.raises(NumericalError, match=r"layers\.7\.mlp\.down_proj"):
+        gptq_quantize(w, h, GPTQConfig(group_size=16), name="layers.7.mlp.down_proj")
+
+
+def _indefinite_h(coupling):
+    """I with a [[1, c], [c, 1]] block: eigenvalue 1 - c < 0, mean(diag H) = 1, so damp d fixes it iff d > c - 1."""
+    h = torch.eye(K)
+    h[0, 1] = h[1, 0] = coupling
+    return h
+
+
+def test_damping_retry_is_logged(caplog):
+    w, _, _ = _data()
+    cfg = GPTQConfig(group_size=16, damp=0.01)
+    with caplog.at_level(logging.WARNING, logger="inf_quant.quant.gptq"):
+        q = gptq_quantize(w, _indefinite_h(1.05), cfg, name="layers.3.self_attn.q_proj")  # fails at 0.01, ok at 0.1
+    assert q.damp == pytest.approx(0.1)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "layers.3.self_attn.q_proj" in message and "damp=0.01" in message and "damp=0.1" in message
+
+
+def test_damping_exhausted_raises():
+    w, _, _ = _data()
+    with pytest.raises(NumericalError, match=r"q_proj: H is not positive definite even with damp=10 .*--damp"):
+        gptq_quantize(w, _indefinite_h(100.0), GPTQConfig(group_size=16, damp_max_retries=3), name="q_proj")
+    with pytest.raises(NumericalError, match=r"damp=0.01 after 0 retries"):
+        gptq_quantize(w, _indefinite_h(1.05), GPTQConfig(group_size=16, damp_max_retries=0), name="q_proj")
+
+
+def test_accumulate_hessian_equals_concatenation():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(*shape, K, generator=g).to(torch.bfloat16) for shape in [(3,), (5,), (1,), (2, 7)]]
+    h, n = None, 0
+    for x in batches:
+        h, n = accumulate_hessian(h, n, x)
+    x = torch.cat([b.reshape(-1, K) for b in batches]).float()
+    assert n == 3 + 5 + 1 + 14 and h.dtype == torch.float32
+    assert_close(h, 2 / n * x.T @ x, HESSIAN_ATOL, HESSIAN_RTOL, "accumulated H")
+
+
+def test_accumulate_hessian_is_pure():
+    g = torch.Generator().manual_seed(0)
+    h0, _ = accumulate_hessian(None, 0, torch.randn(4, K, generator=g))
+    before = h0.clone()
+    h1, n = accumulate_hessian(h0, 4, torch.randn(4, K, generator=g))
+    assert torch.equal(h0, before) and h1 is not h0 and n == 8
+
+
+@pytest.mark.parametrize("cfg", [GPTQConfig(group_size=16, act_order=True, block_size=24),
+                                 GPTQConfig(group_size=16, act_order=True, static_groups=True)])
+def test_does_not_modify_arguments(cfg):
+    w, x, _ = _data()
+    x[:, 7] = 0                                   # a dead column: the path that zeroes W and sets H[i, i]
+    h = 2 / x.shape[0] * x.T @ x
+    w0, h0 = w.clone(), h.clone()
+    gptq_quantize(w, h, cfg)
+    assert torch.equal(w, w0) and torch.equal(h, h0)
+
+
+def test_shape_errors():
+    w, _, h = _data()
+    with pytest.raises(ConfigError, match="o_proj: in_features=80 is not divisible by group_size=32"):
+        gptq_quantize(w, h, GPTQConfig(group_size=32), name="o_proj")
+    with pytest.raises(ConfigError, match=r"o_proj: GPTQ needs w \[N, K\] and h \[K, K\]"):
+        gptq_quantize(w, h[:-1, :-1], GPTQConfig(group_size=16), name="o_proj")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    w, x, h = _data(seed=2, m=512, n=64, k=128)
+    cfg = GPTQConfig(bits=4, group_size=32, act_order=True)
+    cpu = gptq_quantize(w, h, cfg)
+    gpu = gptq_quantize(w.cuda(), h.cuda(), cfg)
+    assert gpu.codes.device.type == "cuda" and gpu.g_idx.device.type == "cuda"
+    # different BLAS: allow a few codes to flip by one step, but the output error must agree
+    assert (gpu.codes.cpu().int() - cpu.codes.int()).abs().max() <= 1
+    e_cpu = (x @ (w - dequantize_weight(cpu)).T).square().sum()
+    e_gpu = (x @ (w - dequantize_weight(gpu).cpu()).T).square().sum()
+    assert abs(e_gpu - e_cpu) <= 0.05 * e_cpu

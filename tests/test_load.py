@@ -1,0 +1,130 @@
+"""The streaming loader: per-layer tensors equal a full load, layer-by-layer reads, bounded memory, pickle refusal."""
+
+import gc
+import json
+
+import psutil
+import pytest
+import torch
+
+import inf_quant  # noqa: F401
+from inf_quant.errors import CheckpointError
+from inf_quant.load import hf_config, load_block, load_named, open_checkpoint, skeleton
+from tiny import build_tiny_checkpoint
+
+
+def test_streamed_layers_equal_full_load(tiny_ckpt):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = open_checkpoint(tiny_ckpt)
+    assert len(ckpt.files) >= 3, "the fixture must be multi-shard"
+    full = AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.bfloat16).state_dict()
+    skel = skeleton(hf_config(ckpt))
+    seen = set()
+    for i in range(ckpt.num_layers):
+        block = load_block(ckpt, skel, i, "cpu", torch.bfloat16)
+        for k, v in block.state_dict().items():
+            name = f"model.layers.{i}.{k}"
+            assert torch.equal(v, full[name]), name
+            seen.add(name)
+    for name in ("model.embed_tokens", "model.norm", "lm_head"):
+        for k, v in load_named(ckpt, skel, name, "cpu", torch.bfloat16).state_dict().items():
+            assert torch.equal(v, full[f"{name}.{k}"])
+            seen.add(f"{name}.{k}")
+    assert seen == set(full)
+
+
+def test_layer_reads_touch_only_that_layer(tiny_ckpt, monkeypatch):
+    """Reading layer i asks the shards for layer i's tensors and nothing else."""
+    import inf_quant.load as load
+
+    ckpt = open_checkpoint(tiny_ckpt)
+    asked = []
+    real = load.safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self.f = real(*a, **k)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, name):
+            asked.append(name)
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(load, "safe_open", Spy)
+    skel = skeleton(hf_config(ckpt))
+    load_block(ckpt, skel, 1, "cpu", torch.bfloat16)
+    assert asked and all(n.startswith("model.layers.1.") for n in asked)
+    assert len(asked) == len(ckpt.names("model.layers.1."))
+
+
+def test_peak_memory_is_one_layer(tmp_path):
+    """Iterating 8 layers of ~24 MB each (a ~200 MB checkpoint in many shards) never holds more than ~2 layers."""
+    path = build_tiny_checkpoint(tmp_path / "wide", "inflm", vocab_size=512, max_shard_bytes=20_000_000,
+                                 dtype=torch.float32, hidden_size=1024, intermediate_size=2048,
+                                 num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
+    ckpt = open_checkpoint(path)
+    layer_bytes = sum(ckpt.info(n).nbytes for n in ckpt.names("model.layers.0."))
+    total = sum(ckpt.info(n).nbytes for n in ckpt.weight_map)
+    assert total > 7 * layer_bytes and len(ckpt.files) >= 8
+    skel = skeleton(hf_config(ckpt))
+    proc = psutil.Process()
+    gc.collect()
+    base, peak = proc.memory_info().rss, 0
+    for i in range(ckpt.num_layers):
+        block = load_block(ckpt, skel, i, "cpu", torch.float32)
+        peak = max(peak, proc.memory_info().rss - base)
+        del block
+        gc.collect()
+    assert peak < 2.5 * layer_bytes, f"peak RSS growth {peak / 2**20:.0f} MiB for {layer_bytes / 2**20:.0f} MiB layers"
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
+    model_dir = tmp_path / "pickled"
+    src = build_tiny_checkpoint(tmp_path / "src", "llama")
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((src / "config.json").read_text())
+    sd = {}
+    for f in open_checkpoint(src).files:
+        from safetensors.torch import load_file
+        sd.update(load_file(src / f))
+    torch.save(sd, model_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        open_checkpoint(model_dir)
+    ckpt = open_checkpoint(model_dir, allow_pickle=True)
+    block = load_block(ckpt, skeleton(hf_config(ckpt)), 0, "cpu", torch.bfloat16)
+    assert torch.equal(block.self_attn.q_proj.weight, sd["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, inflm_ckpt):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        open_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        open_checkpoint(tmp_path / "empty")
+    shard = open_checkpoint(inflm_ckpt).files[0]
+    (inflm_ckpt / shard).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        open_checkpoint(inflm_ckpt)
+
+
+def test_unsupported_model_type_is_named(tmp_path, inflm_ckpt):
+    cfg = json.loads((inflm_ckpt / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (inflm_ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'mamba' is not supported; supported: inflm, llama"):
+        hf_config(open_checkpoint(inflm_ckpt))
+
+
+def test_inf_remote_code_is_not_executed_by_default(tmp_path, inflm_ckpt):
+    """INF's config carries an auto_map to 4.42-era files; our loader uses its own definition instead."""
+    (inflm_ckpt / "modeling_inflm.py").write_text("raise RuntimeError('remote code executed')\n")
+    ckpt = open_checkpoint(inflm_ckpt)
+    assert type(hf_config(ckpt)).__name__ == "INFLMConfig"
+    load_block(ckpt, skeleton(hf_config(ckpt)), 0, "cpu", torch.bfloat16)
