@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a verification gate failed, 2 bad input or environment 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -64,11 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("awq", help="AWQ 4-bit quantization (gemm format)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _quant_args(a, (4,))
-    for name, text in (("verify", "accuracy and VRAM checks of a quantized checkpoint against its bf16 baseline"),
-                       ("fit", "analytic VRAM verdict: does a checkpoint fit a card, and at what context"),
-                       ("release", "regenerate, verify and publish every release variant from recipes")):
-        s = sub.add_parser(name, help=text)
-        s.add_argument("args", nargs="*")
+    v = sub.add_parser("verify", help="accuracy and VRAM gates of a quantized checkpoint against its bf16 baseline",
+                       description="Exit 0: every gate passed; 1: a gate failed (named); 2: bad input.")
+    v.add_argument("quantized", help="the quantized checkpoint directory")
+    v.add_argument("--baseline", help="its bf16 source checkpoint (default: the bundled models/inf-tiny)")
+    v.add_argument("--eval", help="'bundled-eval' (default) or a .jsonl ({'text', 'lang'} per line) / .txt file")
+    v.add_argument("--seqlen", type=int, help="tokens per eval window (default 512)")
+    v.add_argument("--max-windows", type=int, help="evaluate an evenly spaced subset of windows (default: all)")
+    v.add_argument("--max-ppl-increase-pct", type=float, help="gate (default 3.0), per domain and overall")
+    v.add_argument("--max-kl", type=float, help="gate on mean KL(bf16||quantized) in nats (default 0.05)")
+    v.add_argument("--min-top1-agreement", type=float, help="gate (default 0.90)")
+    v.add_argument("--vram-gib", type=float, help="GPU memory budget for the fit verdict (default 24)")
+    v.add_argument("--context", type=int, help="context for the fit verdict (default: max_position_embeddings)")
+    v.add_argument("--kv-dtype", choices=["fp16", "bf16", "fp8"], help="KV cache dtype (default fp16)")
+    v.add_argument("--report", help="directory for verify.json/report.md (default: the quantized directory)")
+    v.add_argument("--cache-dir", help="baseline cache (default ~/.cache/inf-quant)")
+    v.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    v.add_argument("--json", action="store_true", help="print verify.json instead of the summary")
+    v.add_argument("--trust-remote-code", action="store_true", help="run the checkpoints' own Python code")
+    f = sub.add_parser("fit", help="analytic VRAM verdict: does a checkpoint fit a card, and at what context",
+                       description="Exit 0 if it fits at the given context, 1 if it does not, 2 on bad input.")
+    f.add_argument("model", help="checkpoint directory (bf16, GPTQ or AWQ); only headers are read")
+    f.add_argument("--vram-gib", type=float, default=24.0, help="GPU memory budget in GiB (default 24)")
+    f.add_argument("--context", type=int, help="tokens of context (default: max_position_embeddings)")
+    f.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    f.add_argument("--kv-dtype", choices=["fp16", "bf16", "fp8"], default="fp16", help="KV cache dtype")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    r = sub.add_parser("release", help="regenerate, verify and publish every release variant from recipes")
+    r.add_argument("args", nargs="*")
     return parser
 
 
@@ -129,12 +153,44 @@ def _quantize(args) -> int:
     return 0
 
 
+def verify_config_from_args(args):
+    from .config import Device, Gates, VerifyConfig
+
+    def pick(**kw):
+        return {k: v for k, v in kw.items() if v is not None}
+
+    return VerifyConfig(quantized=args.quantized, baseline=args.baseline or "", trust_remote_code=args.trust_remote_code,
+                        gates=Gates(**pick(max_ppl_increase_pct=args.max_ppl_increase_pct, max_kl=args.max_kl,
+                                           min_top1_agreement=args.min_top1_agreement)),
+                        device=Device(args.device) if args.device else Device.AUTO,
+                        **pick(eval=args.eval, seqlen=args.seqlen, max_windows=args.max_windows, vram_gib=args.vram_gib,
+                               context=args.context, kv_dtype=args.kv_dtype, report_dir=args.report,
+                               cache_dir=args.cache_dir))
+
+
+def _verify(args) -> int:
+    from .verify import verify
+
+    with contextlib.redirect_stdout(sys.stderr):  # the loading stack prints banners; stdout is for our output
+        report = verify(verify_config_from_args(args))
+    print(json.dumps(report.data, sort_keys=True) if args.json else report.to_text())
+    return 0 if report.passed else 1
+
+
+def _fit(args) -> int:
+    from .fit import fit_checkpoint
+
+    report = fit_checkpoint(args.model, args.vram_gib, args.context, args.batch, args.kv_dtype)
+    print(json.dumps(report.to_dict(), sort_keys=True) if args.json else report.to_text())
+    return 0 if report.fits else 1
+
+
 def _not_implemented(args) -> int:
     print(f"inf-quant {args.command}: not implemented yet", file=sys.stderr)
     return 2
 
 
-COMMANDS = {"gptq": _quantize, "awq": _quantize, "verify": _not_implemented, "fit": _not_implemented,
+COMMANDS = {"gptq": _quantize, "awq": _quantize, "verify": _verify, "fit": _fit,
             "release": _not_implemented}
 
 

@@ -154,3 +154,40 @@ def to_dict(obj) -> dict:
         v = getattr(obj, f.name)
         out[f.name] = to_dict(v) if is_dataclass(v) else v.value if isinstance(v, Enum) else v
     return out
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Pass/fail thresholds of `verify`, applied to every domain (en/zh/code/math) and to all tokens."""
+
+    max_ppl_increase_pct: float = 3.0  # quantized perplexity at most this % above bf16's
+    max_kl: float = 0.05               # mean per-token KL(bf16 || quantized), nats
+    min_top1_agreement: float = 0.90   # fraction of positions whose argmax token matches bf16's
+    min_domain_tokens: int = 256       # domains with fewer eval tokens are reported but not gated
+
+    def __post_init__(self):
+        if self.max_ppl_increase_pct < 0 or self.max_kl < 0 or not 0 <= self.min_top1_agreement <= 1:
+            raise ConfigError("gates: max_ppl_increase_pct and max_kl must be >= 0, min_top1_agreement in [0, 1]")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    quantized: str = ""           # the quantized checkpoint directory
+    baseline: str = ""            # its bf16 source; "" = the bundled default model
+    eval: str = "bundled-eval"    # 'bundled-eval' or a .jsonl ({'text', 'lang'}) / .txt file
+    seqlen: int = 512             # tokens per eval window (clipped to max_position_embeddings)
+    max_windows: int = 0          # 0 = every window of the eval set
+    top_k: int = 32               # baseline log-probs cached per position (KL support)
+    gates: Gates = field(default_factory=Gates)
+    device: Device = Device.AUTO
+    vram_gib: float = 24.0
+    context: int = 0              # 0 = the model's max_position_embeddings
+    kv_dtype: str = "fp16"
+    measure_context: int = 0      # CUDA measurement prefill length; 0 = min(context, 4096)
+    report_dir: str = ""          # "" = write verify.json/report.md into the quantized directory
+    cache_dir: str = ""           # "" = ~/.cache/inf-quant (baseline results, file hashes)
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.seqlen < 2 or self.top_k < 1 or self.max_windows < 0 or self.vram_gib <= 0 or self.context < 0:
+            raise ConfigError("verify: seqlen >= 2, top_k >= 1, max_windows >= 0, vram_gib > 0, context >= 0")

@@ -166,9 +166,13 @@ class FitReport:
     def needed_gib_at_context(self) -> float:
         return self.total_bytes / GIB
 
+    @property
+    def verdict(self) -> str:
+        return _verdict(self)
+
     def to_dict(self) -> dict:
         """JSON-able: every field plus context_capped, needed_gib_at_context and the constants used."""
-        return {**asdict(self), "context_capped": self.context_capped,
+        return {**asdict(self), "verdict": self.verdict, "context_capped": self.context_capped,
                 "needed_gib_at_context": self.needed_gib_at_context, "budget_gib": self.budget_bytes / GIB,
                 "cuda_context_bytes": CUDA_CONTEXT_BYTES, "fragmentation_percent": FRAGMENTATION_PERCENT}
 

@@ -1,0 +1,110 @@
+"""The bf16 baseline of `verify`, computed layer-streamed (a 34B baseline never has to fit the card) and cached.
+
+The cache key is the sha256 of the baseline's files (config + shards) and of the eval token windows, plus
+everything else that changes the numbers (top-k, compute device type and dtype). Verifying the next variant
+against the same baseline reads the cache instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calibrate import file_sha256
+from .load import Checkpoint, hf_config, load_block, load_named, rotary, skeleton
+from .metrics import topk_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaselineStats:
+    target_logp: torch.Tensor  # [S, T-1] fp32  log p(next token) under bf16
+    topk_logp: torch.Tensor    # [S, T-1, k] fp32
+    topk_idx: torch.Tensor     # [S, T-1, k] int32
+    key: str                   # cache key (sha256)
+    cached: bool               # read from the cache rather than computed
+
+
+def cache_root(cache_dir: str) -> Path:
+    root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def checkpoint_sha256(ckpt: Checkpoint, root: Path) -> str:
+    """sha256 over config.json and every weight file (name + content), memoised by (path, size, mtime)."""
+    memo_file = root / "file-hashes.json"
+    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    h = hashlib.sha256()
+    for name in ["config.json", *ckpt.files]:
+        p = (ckpt.path / name).resolve()
+        st = p.stat()
+        key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = file_sha256(p)
+        h.update(f"{name}:{memo[key]}\n".encode())
+    tmp = memo_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(memo, sort_keys=True))
+    os.replace(tmp, memo_file)
+    return h.hexdigest()
+
+
+def cache_key(model_sha: str, windows: torch.Tensor, top_k: int, device: torch.device, dtype: torch.dtype) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": model_sha, "top_k": top_k, "device": device.type, "dtype": str(dtype),
+                         "shape": list(windows.shape), "format": 1}, sort_keys=True).encode())
+    h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def streamed_logprobs(ckpt: Checkpoint, windows: torch.Tensor, top_k: int, device: torch.device,
+                      dtype: torch.dtype, batch: int = 4, trust_remote_code: bool = False):
+    """Run the checkpoint one decoder layer at a time over windows [S, T]: (target, topk_logp, topk_idx).
+
+    Memory: one layer + hidden states [S, T, D] (e.g. 48 windows x 2048 x 8192 fp32 = 3 GiB for INF-34B).
+    """
+    from .pipeline import forward_all
+
+    config = hf_config(ckpt, trust_remote_code)
+    lm, skel = ckpt.layer_map, skeleton(config)
+    hidden = load_named(ckpt, skel, lm.embed, device, dtype)(windows.to(device))
+    rope = rotary(config, device)(hidden[:1], torch.arange(hidden.shape[1], device=device)[None])
+    for i in range(ckpt.num_layers):
+        block = load_block(ckpt, skel, i, device, dtype)
+        hidden = forward_all(block, hidden, rope, batch)
+        del block
+    norm = load_named(ckpt, skel, lm.final_norm, device, dtype)
+    head = load_named(ckpt, skel, lm.lm_head, device, dtype)
+    outs = []
+    for s in range(len(hidden)):
+        logits = head(norm(hidden[s, :-1]))
+        outs.append(topk_logprobs(logits, windows[s, 1:].to(device), top_k))
+    return tuple(torch.stack([o[j].cpu() for o in outs]) for j in range(3))
+
+
+def baseline_stats(ckpt: Checkpoint, windows: torch.Tensor, top_k: int, device: torch.device, dtype: torch.dtype,
+                   cache_dir: str = "", batch: int = 4, trust_remote_code: bool = False) -> BaselineStats:
+    root = cache_root(cache_dir)
+    key = cache_key(checkpoint_sha256(ckpt, root), windows, top_k, device, dtype)
+    f = root / f"baseline-{key[:32]}.pt"
+    if f.is_file():
+        d = torch.load(f, weights_only=True)
+        if d.get("key") == key:
+            log.info("baseline: cached results %s", f)
+            return BaselineStats(d["target"], d["topk_logp"], d["topk_idx"], key, True)
+    log.info("baseline: streaming %s layer by layer over %d windows", ckpt.path, len(windows))
+    target, topk_logp, topk_idx = streamed_logprobs(ckpt, windows, top_k, device, dtype, batch, trust_remote_code)
+    tmp = f.with_suffix(".tmp")
+    torch.save({"key": key, "target": target, "topk_logp": topk_logp, "topk_idx": topk_idx,
+                "inf_quant": __version__}, tmp)
+    os.replace(tmp, f)
+    return BaselineStats(target, topk_logp, topk_idx, key, False)

@@ -1,0 +1,249 @@
+"""`verify`: is a quantized checkpoint as good as its bf16 baseline, and does it fit the card?
+
+Accuracy: the eval set, split by domain (en / zh / code / math), is run through the bf16 baseline layer-streamed
+(cached, see baseline.py) and through the quantized model **as users load it** (`AutoModelForCausalLM.
+from_pretrained` and whichever backend transformers picks). Perplexity, KL(bf16 || quantized) and top-1
+agreement are gated per domain and overall. VRAM: the analytic `fit` model, plus, on CUDA, a measured prefill
++ decode. Writes verify.json and report.md (+ PNG charts).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .baseline import baseline_stats
+from .calibrate import file_sha256, read_records, resolve_text_file, token_stream
+from .config import Device, Gates, VerifyConfig
+from .errors import CheckpointError, ConfigError
+from .fit import fit_checkpoint
+from .load import open_checkpoint
+from .metrics import kl_topk, summarize, top1_agreement, topk_logprobs
+from .paths import DEFAULT_MODEL
+from .tokenizer import load_tokenizer
+from .write import write_json
+
+log = logging.getLogger(__name__)
+ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads")
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    data: dict        # the verify.json content
+    files: tuple      # paths written
+
+    @property
+    def passed(self) -> bool:
+        return self.data["passed"]
+
+    def to_text(self) -> str:
+        lines = [f"{'PASS' if self.passed else 'FAIL'}: {self.data['quantized']['path']}"]
+        lines.append(f"{'domain':<6} {'tokens':>7} {'ppl bf16':>9} {'ppl quant':>9} {'delta %':>8} {'KL':>8} {'top-1':>6}")
+        for dom, m in self.data["metrics"].items():
+            lines.append(f"{dom:<6} {m['tokens']:>7} {m['ppl_baseline']:>9.3f} {m['ppl_quantized']:>9.3f} "
+                         f"{m['ppl_increase_pct']:>+8.2f} {m['kl_mean']:>8.4f} {m['top1_agreement']:>6.3f}")
+        failed = [g for g in self.data["gates"] if not g["passed"]]
+        for g in failed:
+            lines.append(f"gate failed: {g['name']} [{g['domain']}] value {g['value']:.4g}, threshold {g['threshold']:g}")
+        lines.append(self.data["vram"]["analytic"]["verdict"])
+        m = self.data["vram"]["measured"]
+        if m:
+            lines.append(f"measured on {m['device']} at context {m['context']}: peak allocated "
+                         f"{m['peak_allocated_bytes'] / 2**30:.2f} GiB, reserved {m['peak_reserved_bytes'] / 2**30:.2f} GiB")
+        lines.append("report: " + ", ".join(str(f) for f in self.files))
+        return "\n".join(lines)
+
+
+def check_pair(quant_cfg: dict, base_cfg: dict, qdir: Path, bdir: Path) -> None:
+    if "quantization_config" not in quant_cfg:
+        raise CheckpointError(f"{qdir}: config.json has no quantization_config; this is not a quantized checkpoint")
+    if "quantization_config" in base_cfg:
+        raise CheckpointError(f"{bdir}: the baseline is itself quantized; pass the bf16 source checkpoint")
+    for k in ARCH_KEYS:
+        if quant_cfg.get(k) != base_cfg.get(k):
+            raise CheckpointError(f"{qdir} and baseline {bdir} differ in {k} ({quant_cfg.get(k)} vs {base_cfg.get(k)}); "
+                                  "verify a checkpoint against the model it was quantized from")
+
+
+def domain_windows(tokenizer, records: list[dict], seqlen: int, max_windows: int) -> tuple[torch.Tensor, list[str]]:
+    """Eval windows [S, T] and the domain of each: every domain's texts are joined (EOS between texts) and cut
+    into T-token windows, so no window mixes domains; `max_windows` keeps an evenly spaced subset."""
+    by_dom: dict[str, list[str]] = {}
+    for r in records:
+        by_dom.setdefault(r.get("lang", "all"), []).append(r["text"])
+    rows, doms = [], []
+    for dom in sorted(by_dom):
+        stream = token_stream(tokenizer, by_dom[dom])
+        n = len(stream) // seqlen
+        if n == 0:
+            raise ConfigError(f"eval domain {dom!r} has {len(stream)} tokens, fewer than --seqlen {seqlen}; "
+                              "lower --seqlen or add text")
+        rows.append(stream[: n * seqlen].view(n, seqlen))
+        doms += [dom] * n
+    total = sum(len(r) for r in rows)
+    if max_windows and total > max_windows:  # each domain keeps its share (at least one window), evenly spaced
+        rows = [r[torch.linspace(0, len(r) - 1, max(1, round(max_windows * len(r) / total))).round().long().unique()]
+                for r in rows]
+        doms = [d for d, r in zip(sorted(by_dom), rows) for _ in range(len(r))]
+    return torch.cat(rows), doms
+
+
+def quantized_stats(model, windows: torch.Tensor, base, batch: int = 4):
+    """Target log-prob, KL and top-1 agreement of the loaded quantized model, each [S, T-1] fp32."""
+    dev = next(model.parameters()).device
+    tgt, kl, agree = [], [], []
+    with torch.no_grad():
+        for s in range(0, len(windows), batch):
+            x = windows[s: s + batch].to(dev)
+            logits = model(x).logits[:, :-1].float().cpu()
+            for j in range(len(x)):
+                logp = torch.log_softmax(logits[j], -1)
+                tgt.append(logp.gather(-1, windows[s + j, 1:, None])[:, 0])
+                kl.append(kl_topk(base.topk_logp[s + j], base.topk_idx[s + j], logp))
+                agree.append(top1_agreement(base.topk_idx[s + j], logp))
+    return torch.stack(tgt), torch.stack(kl), torch.stack(agree)
+
+
+def gate_results(metrics: dict, gates: Gates) -> list[dict]:
+    out = []
+    for dom, m in metrics.items():
+        if dom != "all" and m["tokens"] < gates.min_domain_tokens:
+            continue
+        for name, key, ok in (("max_ppl_increase_pct", "ppl_increase_pct", lambda v, t: v <= t),
+                              ("max_kl", "kl_mean", lambda v, t: v <= t),
+                              ("min_top1_agreement", "top1_agreement", lambda v, t: v >= t)):
+            t = getattr(gates, name)
+            out.append({"name": name, "domain": dom, "threshold": t, "value": m[key], "passed": bool(ok(m[key], t))})
+    return out
+
+
+def versions() -> dict:
+    def v(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return {"torch": torch.__version__, "transformers": v("transformers"), "gptqmodel": v("gptqmodel"),
+            "optimum": v("optimum"), "inf_quant": __version__, "python": platform.python_version()}
+
+
+def load_quantized(path: Path, device: torch.device, trust_remote_code: bool):
+    """The quantized model as a user loads it; bf16 on CUDA, fp32 on CPU (where bf16 matmuls are emulated)."""
+    from transformers import AutoModelForCausalLM
+
+    import inf_quant  # noqa: F401  (registers inflm, so no remote code is needed)
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=str(device),
+                                                    trust_remote_code=trust_remote_code).eval()
+    except ImportError as e:
+        raise ConfigError(f"transformers cannot load {path}: {e}; install the loading stack: "
+                          "pip install -e '.[load]' (optimum, gptqmodel, accelerate)") from e
+
+
+def measure_vram(model, vocab: int, context: int, device: torch.device) -> dict | None:
+    """Peak CUDA memory of a prefill at `context` tokens + 8 decoded tokens (None without CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    torch.cuda.synchronize(device)
+    used = None
+    try:
+        import pynvml  # optional: the process' whole footprint, CUDA context included
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        used = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    except Exception:  # noqa: BLE001 - NVML is optional; torch's numbers are always reported
+        used = None
+    return {"device": torch.cuda.get_device_name(device), "context": context,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device), "process_used_bytes": used}
+
+
+def verify(cfg: VerifyConfig) -> VerifyReport:
+    qdir = Path(cfg.quantized)
+    bdir = Path(cfg.baseline) if cfg.baseline else DEFAULT_MODEL
+    qckpt, bckpt = open_checkpoint(qdir), open_checkpoint(bdir)
+    check_pair(qckpt.config, bckpt.config, qdir, bdir)
+    device = _device(cfg.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    eval_file = resolve_text_file(cfg.eval)
+    max_pos = int(bckpt.config.get("max_position_embeddings", cfg.seqlen))
+    windows, doms = domain_windows(load_tokenizer(bdir, cfg.trust_remote_code), read_records(eval_file),
+                                   min(cfg.seqlen, max_pos), cfg.max_windows)
+    base = baseline_stats(bckpt, windows, cfg.top_k, device, dtype, cfg.cache_dir,
+                          trust_remote_code=cfg.trust_remote_code)
+    model = load_quantized(qdir, device, cfg.trust_remote_code)
+    tgt, kl, agree = quantized_stats(model, windows, base)
+    metrics = {"all": summarize(base.target_logp, tgt, kl, agree)}
+    for dom in sorted(set(doms)):
+        idx = torch.tensor([i for i, d in enumerate(doms) if d == dom])
+        metrics[dom] = summarize(base.target_logp[idx], tgt[idx], kl[idx], agree[idx])
+    gates = gate_results(metrics, cfg.gates)
+    fit = fit_checkpoint(qdir, cfg.vram_gib, cfg.context or None, kv_dtype=cfg.kv_dtype)
+    measure_ctx = cfg.measure_context or min(fit.context, 4096)
+    data = {
+        "passed": all(g["passed"] for g in gates),
+        "quantized": {"path": qdir.name, **_quant_summary(qckpt.config), "files_sha256": _files_sha(qdir)},
+        "baseline": {"path": bdir.name, "sha256": base.key},
+        "eval": {"source": cfg.eval if cfg.eval.startswith("bundled") else eval_file.name,
+                 "sha256": file_sha256(eval_file), "seqlen": int(windows.shape[1]),
+                 "tokens": {d: metrics[d]["tokens"] for d in metrics if d != "all"}},
+        "metrics": metrics, "gates": gates,
+        "vram": {"analytic": fit.to_dict(), "measured": _measured(model, qdir, qckpt, cfg, measure_ctx, device)},
+        "versions": versions(),
+        "backend": {"kernel": _kernel(model), "device": str(device)},
+    }
+    out = Path(cfg.report_dir) if cfg.report_dir else qdir
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "verify.json", data)
+    from .report import write_report
+
+    files = (out / "verify.json", *write_report(data, out))
+    return VerifyReport(data, files)
+
+
+def _measured(model, qdir: Path, qckpt, cfg: VerifyConfig, context: int, device: torch.device) -> dict | None:
+    m = measure_vram(model, qckpt.config["vocab_size"], context, device)
+    if m is not None:  # the analytic model at the same context, for a like-for-like comparison
+        m["analytic_total_bytes"] = fit_checkpoint(qdir, cfg.vram_gib, context, kv_dtype=cfg.kv_dtype).total_bytes
+    return m
+
+
+def _device(d: Device) -> torch.device:
+    if d is Device.CUDA and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    return torch.device("cuda" if d is Device.CUDA or (d is Device.AUTO and torch.cuda.is_available()) else "cpu")
+
+
+def _quant_summary(config: dict) -> dict:
+    q = config["quantization_config"]
+    return {"quant_method": q.get("quant_method"), "bits": q.get("bits"), "group_size": q.get("group_size")}
+
+
+def _files_sha(path: Path) -> dict:
+    skip = {"verify.json", "report.md", "ppl_by_domain.png", "vram.png"}
+    return {p.name: file_sha256(p) for p in sorted(path.iterdir()) if p.is_file() and p.name not in skip}
+
+
+def _kernel(model) -> str:
+    for m in model.modules():
+        if hasattr(m, "qweight"):
+            return type(m).__name__
+    return "none"
+
+
+__all__ = ["verify", "VerifyReport", "domain_windows", "gate_results", "check_pair"]
