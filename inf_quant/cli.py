@@ -91,8 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     f.add_argument("--kv-dtype", choices=["fp16", "bf16", "fp8"], default="fp16", help="KV cache dtype")
     f.add_argument("--json", action="store_true", help="print one JSON object")
-    r = sub.add_parser("release", help="regenerate, verify and publish every release variant from recipes")
-    r.add_argument("args", nargs="*")
+    r = sub.add_parser("release", help="regenerate, verify and publish every release variant from recipes",
+                       description="Exit 0: every variant passed and was published; 1: a gate failed (or --check "
+                                   "found a changed file); 2: bad input.")
+    r.add_argument("--recipes", help="directory of recipe YAML files (e.g. recipes/ or recipes/ci/)")
+    r.add_argument("--out", help="release directory")
+    r.add_argument("--model", help="bf16 checkpoint for every recipe (default: each recipe's model.path)")
+    r.add_argument("--only", nargs="+", default=(), metavar="NAME", help="build only these recipes")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted release")
+    r.add_argument("--force", action="store_true", help="rebuild variants that are already published")
+    r.add_argument("--check", metavar="RELEASE_DIR", help="re-hash a release against its manifest.json")
+    r.add_argument("--json", action="store_true", help="print the manifest (or the --check result) as JSON")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -109,7 +119,7 @@ def recipe_from_args(args: argparse.Namespace):
         q.update(pick(sym=args.sym, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp))
     return Recipe(
         method=method,
-        model=ModelConfig(path=args.model or "", trust_remote_code=args.trust_remote_code,
+        model=ModelConfig(path=args.model or "bundled", trust_remote_code=args.trust_remote_code,
                           allow_pickle=args.allow_pickle),
         calibration=CalibConfig(**pick(source=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)),
         gptq=GPTQConfig(**q) if method is Method.GPTQ else GPTQConfig(),
@@ -143,6 +153,7 @@ class _Progress:
         self.bar.update(1)
         if r.index == total - 1:
             self.bar.close()
+            self.bar = None
 
 
 def _quantize(args) -> int:
@@ -185,13 +196,26 @@ def _fit(args) -> int:
     return 0 if report.fits else 1
 
 
-def _not_implemented(args) -> int:
-    print(f"inf-quant {args.command}: not implemented yet", file=sys.stderr)
-    return 2
+def _release(args) -> int:
+    from .errors import ConfigError
+    from .release import check, release
+
+    if args.check:
+        problems = check(args.check)
+        print(json.dumps({"ok": not problems, "problems": problems}) if args.json else
+              "\n".join(problems) or f"{args.check}: every file matches manifest.json")
+        return 1 if problems else 0
+    if not (args.recipes and args.out):
+        raise ConfigError("release needs --recipes DIR and --out DIR (or --check RELEASE_DIR)")
+    with contextlib.redirect_stdout(sys.stderr):
+        report = release(args.recipes, args.out, args.model, tuple(args.only), args.resume, args.force,
+                         progress=_Progress(args.quiet or args.json))
+    print(json.dumps(report.manifest, sort_keys=True) if args.json else report.to_text())
+    return 0 if report.ok else 1
 
 
 COMMANDS = {"gptq": _quantize, "awq": _quantize, "verify": _verify, "fit": _fit,
-            "release": _not_implemented}
+            "release": _release}
 
 
 def main(argv: list[str] | None = None) -> int:

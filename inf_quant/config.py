@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -78,7 +80,7 @@ class DType(Enum):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""                  # checkpoint directory; "" = the bundled default model (models/inf-tiny)
+    path: str = "bundled"           # checkpoint directory; "bundled" = models/inf-tiny; "" = must be given (--model)
     trust_remote_code: bool = False  # run the checkpoint's own config/modeling code instead of inf-quant's
     allow_pickle: bool = False       # accept torch pickle (.bin/.pt) weights
 
@@ -121,32 +123,6 @@ class OutputConfig:
             raise ConfigError(f"output.shard_gb must be > 0, got {self.shard_gb}")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str = ""
-    method: Method = Method.GPTQ
-    model: ModelConfig = field(default_factory=ModelConfig)
-    calibration: CalibConfig = field(default_factory=CalibConfig)
-    gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    awq: AWQConfig = field(default_factory=AWQConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-
-    @property
-    def bits(self) -> int:
-        return self.gptq.bits if self.method is Method.GPTQ else self.awq.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.gptq.group_size if self.method is Method.GPTQ else self.awq.group_size
-
-    def fingerprint_dict(self) -> dict:
-        """What determines the output bytes (everything but where it goes and how the run is resumed)."""
-        d = to_dict(self)
-        d["output"] = {"shard_gb": self.output.shard_gb}
-        return d
-
-
 def to_dict(obj) -> dict:
     """Dataclass -> plain dict (enums as values), for JSON/YAML."""
     out = {}
@@ -164,6 +140,7 @@ class Gates:
     max_kl: float = 0.05               # mean per-token KL(bf16 || quantized), nats
     min_top1_agreement: float = 0.90   # fraction of positions whose argmax token matches bf16's
     min_domain_tokens: int = 256       # domains with fewer eval tokens are reported but not gated
+    require_fit: bool = True           # the analytic VRAM total at verify.context must fit verify.vram_gib
 
     def __post_init__(self):
         if self.max_ppl_increase_pct < 0 or self.max_kl < 0 or not 0 <= self.min_top1_agreement <= 1:
@@ -191,3 +168,82 @@ class VerifyConfig:
     def __post_init__(self):
         if self.seqlen < 2 or self.top_k < 1 or self.max_windows < 0 or self.vram_gib <= 0 or self.context < 0:
             raise ConfigError("verify: seqlen >= 2, top_k >= 1, max_windows >= 0, vram_gib > 0, context >= 0")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = ""
+    method: Method = Method.GPTQ
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: CalibConfig = field(default_factory=CalibConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)  # gates and VRAM budget used by `release`
+
+    @property
+    def bits(self) -> int:
+        return self.gptq.bits if self.method is Method.GPTQ else self.awq.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.gptq.group_size if self.method is Method.GPTQ else self.awq.group_size
+
+    def fingerprint_dict(self) -> dict:
+        """What determines the output bytes (everything but where it goes and how the run is resumed)."""
+        d = to_dict(self)
+        d["output"] = {"shard_gb": self.output.shard_gb}
+        del d["verify"]
+        return d
+
+
+def _coerce(t, v, where: str):
+    if is_dataclass(t):
+        return from_dict(t, v, where)
+    if isinstance(t, type) and issubclass(t, Enum):
+        try:
+            return t(v)
+        except ValueError:
+            raise ConfigError(f"{where}: {v!r} is not one of {', '.join(repr(m.value) for m in t)}") from None
+    ok = {bool: lambda x: isinstance(x, bool), int: lambda x: isinstance(x, int) and not isinstance(x, bool),
+          float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), str: lambda x: isinstance(x, str)}
+    if t in ok and not ok[t](v):
+        raise ConfigError(f"{where}: expected {t.__name__}, got {v!r}")
+    return float(v) if t is float else v
+
+
+def from_dict(cls, data, where: str):
+    """Build dataclass `cls` from a mapping: unknown keys and wrongly typed values are errors naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{where}.{k}: unknown key; known keys: {', '.join(names)}")
+    kw = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_recipe(path) -> Recipe:
+    """A recipe YAML file -> Recipe. `name` defaults to the file's stem and must match it when given."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the recipe ({e})") from e
+    where = path.name
+    data = dict(data or {})
+    data.setdefault("name", path.stem)
+    if data["name"] != path.stem:
+        raise ConfigError(f"{where}: name {data['name']!r} must match the file name {path.stem!r}")
+    for key in ("quantized", "baseline", "report_dir"):
+        if key in (data.get("verify") or {}):
+            raise ConfigError(f"{where}.verify.{key}: set by `inf-quant release`, not by recipes")
+    return from_dict(Recipe, data, where)

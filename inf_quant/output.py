@@ -50,7 +50,7 @@ def fingerprint(ctx) -> dict:
 def public_recipe(recipe: Recipe) -> dict:
     """The resolved recipe as written into outputs: paths reduced to names, so outputs don't embed local paths."""
     d = recipe.fingerprint_dict()
-    d["model"]["path"] = Path(recipe.model.path).name if recipe.model.path else "bundled:inf-tiny"
+    d["model"]["path"] = Path(recipe.model.path).name
     src = recipe.calibration.source
     d["calibration"]["source"] = src if src.startswith("bundled") else Path(src).name
     return d

@@ -73,6 +73,15 @@ def resolve_device(recipe: Recipe) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, recipe.run.dtype.value)
 
 
+def resolve_model_path(path: str) -> Path:
+    """'bundled' is the bundled default model; '' means the recipe left the model to the caller."""
+    if path == "bundled":
+        return DEFAULT_MODEL
+    if not path:
+        raise ConfigError("no model given: pass --model DIR (the recipe leaves model.path empty)")
+    return Path(path)
+
+
 def validate_shapes(ckpt: Checkpoint, lmap: LayerMap, recipe: Recipe) -> None:
     """Every linear of every layer exists and fits the group size and packing, checked before any work."""
     for i in range(ckpt.num_layers):
@@ -88,7 +97,7 @@ def validate_shapes(ckpt: Checkpoint, lmap: LayerMap, recipe: Recipe) -> None:
 
 
 def prepare(recipe: Recipe) -> Context:
-    model_dir = Path(recipe.model.path) if recipe.model.path else DEFAULT_MODEL
+    model_dir = resolve_model_path(recipe.model.path)
     ckpt = open_checkpoint(model_dir, recipe.model.allow_pickle)
     lmap = ckpt.layer_map
     config = hf_config(ckpt, recipe.model.trust_remote_code)

@@ -28,6 +28,7 @@ GATE_METRIC = {
     "max_ppl_increase_pct": ("ppl_increase_pct", "≤", lambda v: f"{v:+.2f} %"),
     "max_kl": ("kl_mean", "≤", lambda v: f"{v:.4f}"),
     "min_top1_agreement": ("top1_agreement", "≥", lambda v: f"{100 * v:.2f} %"),
+    "fits_vram_gib": (None, "≤", lambda v: f"{v:.2f} GiB"),
 }
 # Analytic VRAM parts: (key in vram.analytic, label, colour). Colours are fixed so the charts never drift.
 VRAM_PARTS = (("weights_bytes", "weights", "#4C72B0"), ("kv_bytes", "KV cache", "#DD8452"),

@@ -194,6 +194,9 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
         metrics[dom] = summarize(base.target_logp[idx], tgt[idx], kl[idx], agree[idx])
     gates = gate_results(metrics, cfg.gates)
     fit = fit_checkpoint(qdir, cfg.vram_gib, cfg.context or None, kv_dtype=cfg.kv_dtype)
+    if cfg.gates.require_fit:
+        gates.append({"name": "fits_vram_gib", "domain": f"context {fit.context}", "threshold": cfg.vram_gib,
+                      "value": fit.total_bytes / 2**30, "passed": bool(fit.fits)})
     measure_ctx = cfg.measure_context or min(fit.context, 4096)
     data = {
         "passed": all(g["passed"] for g in gates),

@@ -1,0 +1,180 @@
+"""`release`: regenerate every variant from its recipe, verify it, publish it atomically, and write a manifest
+that anyone can check a published release against (`release --check`).
+
+Layout of RELEASE_DIR:
+    <name>/              a published variant: the quantized checkpoint + verify.json + report.md + charts
+    manifest.json        every published file's sha256 and size, resolved recipes, versions, input hashes, results
+    .staging/<name>/     a variant being built (quantized, then verified); renamed to <name>/ only if it passes
+    .rejected/<name>/    a variant that failed a gate, kept for inspection, never published
+A kill -9 at any point leaves published variants untouched; `--resume` continues where the run stopped and
+produces the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .baseline import cache_root, checkpoint_sha256
+from .calibrate import file_sha256
+from .config import OutputConfig, Recipe, load_recipe
+from .errors import ConfigError
+from .load import open_checkpoint
+from .output import _git_commit, public_recipe
+from .pipeline import quantize, resolve_model_path
+from .verify import verify, versions
+from .write import write_json
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+REPORT_FILES = ("verify.json", "report.md", "ppl_by_domain.png", "vram.png")
+
+
+@dataclass(frozen=True)
+class ReleaseReport:
+    out: Path
+    passed: tuple[str, ...]
+    failed: dict            # name -> ["gate [domain] value vs threshold", ...]
+    manifest: dict
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_text(self) -> str:
+        lines = [f"published {len(self.passed)} variant(s) in {self.out}: {', '.join(self.passed) or '-'}"]
+        for name, why in self.failed.items():
+            lines.append(f"REJECTED {name} (kept in {self.out / '.rejected' / name}): " + "; ".join(why))
+        lines.append(f"manifest: {self.out / MANIFEST}")
+        return "\n".join(lines)
+
+
+def load_recipes(recipes_dir: Path, only: tuple[str, ...] = ()) -> list[Recipe]:
+    if not recipes_dir.is_dir():
+        raise ConfigError(f"{recipes_dir}: no such recipes directory")
+    recipes = [load_recipe(p) for p in sorted(recipes_dir.glob("*.yaml"))]
+    if not recipes:
+        raise ConfigError(f"{recipes_dir}: no *.yaml recipes found")
+    names = {r.name for r in recipes}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ConfigError(f"--only {', '.join(unknown)}: no such recipe in {recipes_dir} ({', '.join(sorted(names))})")
+    return [r for r in recipes if not only or r.name in only]
+
+
+def _with_model(recipe: Recipe, model: str | None) -> Recipe:
+    path = model or recipe.model.path
+    resolve_model_path(path)  # raises "no model given" for recipes that leave it to --model
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=path))
+
+
+def files_table(d: Path) -> dict:
+    return {p.name: {"sha256": file_sha256(p), "size": p.stat().st_size} for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def _failures(data: dict) -> list[str]:
+    return [f"{g['name']} [{g['domain']}] {g['value']:.4g} vs {g['threshold']:g}" for g in data["gates"] if not g["passed"]]
+
+
+def _build(recipe: Recipe, staging: Path, resume: bool, progress) -> dict:
+    """Quantize into staging/<name> (reusing a finished quantization there on resume), then verify it there."""
+    target = staging / recipe.name
+    marker = target / "inf_quant.json"
+    reuse = resume and marker.is_file() and json.loads(marker.read_text())["recipe"] == public_recipe(recipe)
+    if not reuse:
+        out = dataclasses.replace(recipe.output, dir=str(target), force=True, resume=resume)
+        quantize(dataclasses.replace(recipe, output=out), progress=progress)
+    vcfg = dataclasses.replace(recipe.verify, quantized=str(target), baseline=str(resolve_model_path(recipe.model.path)),
+                               report_dir="")
+    return verify(vcfg).data
+
+
+def _publish(src: Path, dst: Path) -> None:
+    if dst.exists():
+        trash = dst.parent / f".{dst.name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
+def _variant_entry(recipe: Recipe, data: dict, vdir: Path) -> dict:
+    analytic = data["vram"]["analytic"]
+    return {"recipe": public_recipe(recipe), "passed": data["passed"], "gates_failed": _failures(data),
+            "metrics": data["metrics"],
+            "vram": {k: analytic[k] for k in ("budget_bytes", "context", "weights_bytes", "total_bytes", "fits",
+                                              "max_context", "verdict")},
+            "calibration_sha256": json.loads((vdir / "inf_quant.json").read_text())["calibration_sha256"],
+            "files": files_table(vdir)}
+
+
+def release(recipes_dir: str | Path, out: str | Path, model: str | None = None, only: tuple[str, ...] = (),
+            resume: bool = False, force: bool = False, progress=None) -> ReleaseReport:
+    recipes_dir, out = Path(recipes_dir), Path(out)
+    recipes = [_with_model(r, model) for r in load_recipes(recipes_dir, only)]
+    existing = [r.name for r in recipes if (out / r.name).exists()]
+    if existing and not (resume or force):
+        raise ConfigError(f"{out}: variants {', '.join(existing)} already exist; pass --resume to continue a "
+                          "release or --force to rebuild them")
+    staging = out / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    inputs, variants, passed, failed = {}, {}, [], {}
+    for r in recipes:
+        mdir = resolve_model_path(r.model.path)
+        inputs[mdir.name] = checkpoint_sha256(open_checkpoint(mdir), cache_root(r.verify.cache_dir))
+        final = out / r.name
+        if resume and not force and (final / "verify.json").is_file():
+            log.info("%s: already published, keeping it", r.name)
+            data = json.loads((final / "verify.json").read_text())
+        else:
+            log.info("%s: quantize -> verify", r.name)
+            data = _build(r, staging, resume, progress)
+            if data["passed"]:
+                _publish(staging / r.name, final)
+            else:
+                _publish(staging / r.name, out / ".rejected" / r.name)
+                final = out / ".rejected" / r.name
+        if data["passed"]:
+            passed.append(r.name)
+            variants[r.name] = _variant_entry(r, data, final)
+        else:
+            failed[r.name] = _failures(data)
+    manifest = {"format": 1, "inf_quant": __version__, "git_commit": _git_commit(), "versions": versions(),
+                "input_models_sha256": dict(sorted(inputs.items())), "variants": variants,
+                "rejected": dict(sorted(failed.items()))}
+    tmp = out / f".{MANIFEST}.tmp"
+    write_json(tmp, manifest)
+    os.replace(tmp, out / MANIFEST)
+    shutil.rmtree(staging, ignore_errors=True)
+    return ReleaseReport(out, tuple(passed), failed, manifest)
+
+
+def check(release_dir: str | Path) -> list[str]:
+    """Re-hash a published release against its manifest: a list of problems (empty = intact)."""
+    d = Path(release_dir)
+    mf = d / MANIFEST
+    if not mf.is_file():
+        raise ConfigError(f"{d}: no {MANIFEST}; is this a release directory written by `inf-quant release`?")
+    manifest = json.loads(mf.read_text())
+    problems = []
+    for name, v in manifest["variants"].items():
+        vdir = d / name
+        for fname, want in v["files"].items():
+            p = vdir / fname
+            if not p.is_file():
+                problems.append(f"{name}/{fname}: missing")
+            elif p.stat().st_size != want["size"] or file_sha256(p) != want["sha256"]:
+                problems.append(f"{name}/{fname}: sha256 or size differs from the manifest")
+        if vdir.is_dir():
+            extra = sorted(p.name for p in vdir.iterdir() if p.is_file() and p.name not in v["files"])
+            problems += [f"{name}/{e}: not in the manifest" for e in extra]
+    return problems
