@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (see README):
-#   make demo   - the main job on the bundled default model (quantize, load back in plain transformers, report)
+#   make demo   - the main job on the bundled default model: GPTQ 4-bit, then verify it against bf16
 #   make test   - the test suite (offline, CPU)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GPTQMODEL_DISABLE_PACK_EXT ?= 1
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test release-ci clean
 
 setup: $(BIN)/.installed
 
@@ -26,10 +26,19 @@ $(BIN)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/inf-quant gptq --bits 4 --force
-	$(BIN)/python scripts/demo_check.py out/inf-tiny-gptq-w4g128
+	$(BIN)/inf-quant verify out/inf-tiny-gptq-w4g128
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The release path CI exercises on every submission: build the bundled model's release twice, require
+# byte-identical manifests, and re-check the published files against the manifest.
+release-ci: setup
+	rm -rf out/release-ci-1 out/release-ci-2
+	$(BIN)/inf-quant release --recipes recipes/ci --out out/release-ci-1 -q
+	$(BIN)/inf-quant release --recipes recipes/ci --out out/release-ci-2 -q
+	cmp out/release-ci-1/manifest.json out/release-ci-2/manifest.json
+	$(BIN)/inf-quant release --check out/release-ci-1
 
 clean:
 	rm -rf $(VENV) out

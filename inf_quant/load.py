@@ -101,7 +101,7 @@ class Checkpoint:
         return self._infos[name]
 
 
-def _safetensors_header(path: Path) -> dict:
+def safetensors_header(path: Path) -> dict:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n))
@@ -114,7 +114,7 @@ def _read_infos(ckpt: Checkpoint) -> dict[str, TensorInfo]:
             sd = torch.load(ckpt.path / fname, map_location="meta", mmap=True, weights_only=True)
             infos.update({k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in sd.items()})
             continue
-        for k, v in _safetensors_header(ckpt.path / fname).items():
+        for k, v in safetensors_header(ckpt.path / fname).items():
             if k != "__metadata__":
                 infos[k] = TensorInfo(ST_DTYPES[v["dtype"]], tuple(v["shape"]))
     return infos

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from . import __version__
 from .config import Method, Recipe, to_dict
 from .errors import ConfigError
-from .load import _safetensors_header
+from .load import safetensors_header
 from .memory import PeakMemory, gib
 from .paths import REPO_ROOT
 from .write import copy_modeling_files, copy_side_files, save_file, save_sharded_lazy, write_json
@@ -114,7 +114,7 @@ def _tensor_plan(ctx, work: WorkDir) -> tuple[dict[str, int], dict[str, Path]]:
         sizes[n] = ctx.ckpt.info(n).nbytes
     for i in range(ctx.ckpt.num_layers):
         f = work.layer_file(i)
-        layer = {k: v for k, v in _safetensors_header(f).items() if k != "__metadata__"}
+        layer = {k: v for k, v in safetensors_header(f).items() if k != "__metadata__"}
         for n in _block_leftovers(ctx, i, set(layer)):
             sizes[n] = ctx.ckpt.info(n).nbytes
         for n in sorted(layer):
@@ -159,7 +159,7 @@ def quantization_config(recipe: Recipe) -> dict:
             "version": "gemm", "modules_to_not_convert": ["lm_head"]}
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                            timeout=10)
@@ -191,7 +191,7 @@ def write_configs(ctx, staging: Path) -> None:
     gen = ctx.model_dir / "generation_config.json"
     if gen.is_file() and "generation_config.json" not in copied:
         shutil.copyfile(gen, staging / "generation_config.json")
-    write_json(staging / "inf_quant.json", {"inf_quant_version": __version__, "git_commit": _git_commit(),
+    write_json(staging / "inf_quant.json", {"inf_quant_version": __version__, "git_commit": git_commit(),
                                             "recipe": public_recipe(ctx.recipe),
                                             "calibration_sha256": ctx.calib_sha256,
                                             "copied_from_input": copied})

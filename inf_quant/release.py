@@ -23,10 +23,10 @@ from pathlib import Path
 from . import __version__
 from .baseline import cache_root, checkpoint_sha256
 from .calibrate import file_sha256
-from .config import OutputConfig, Recipe, load_recipe
+from .config import Recipe, load_recipe
 from .errors import ConfigError
 from .load import open_checkpoint
-from .output import _git_commit, public_recipe
+from .output import git_commit, public_recipe
 from .pipeline import quantize, resolve_model_path
 from .verify import verify, versions
 from .write import write_json
@@ -148,7 +148,7 @@ def release(recipes_dir: str | Path, out: str | Path, model: str | None = None, 
             variants[r.name] = _variant_entry(r, data, final)
         else:
             failed[r.name] = _failures(data)
-    manifest = {"format": 1, "inf_quant": __version__, "git_commit": _git_commit(), "versions": versions(),
+    manifest = {"format": 1, "inf_quant": __version__, "git_commit": git_commit(), "versions": versions(),
                 "input_models_sha256": dict(sorted(inputs.items())), "variants": variants,
                 "rejected": dict(sorted(failed.items()))}
     tmp = out / f".{MANIFEST}.tmp"

@@ -24,7 +24,7 @@ from .config import Device, Gates, VerifyConfig
 from .errors import CheckpointError, ConfigError
 from .fit import fit_checkpoint
 from .load import open_checkpoint
-from .metrics import kl_topk, summarize, top1_agreement, topk_logprobs
+from .metrics import kl_topk, summarize, top1_agreement
 from .paths import DEFAULT_MODEL
 from .tokenizer import load_tokenizer
 from .write import write_json

@@ -47,13 +47,16 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
         header["__metadata__"] = dict(sorted(metadata.items()))
     blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # never truncate a file that may still be memory-mapped
+    with open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name in names:
             t = tensors[name].detach().contiguous().cpu().reshape(-1)
             f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    os.chmod(path, 0o644)  # releases are world-readable
+    os.chmod(tmp, 0o644)  # releases are world-readable
+    os.replace(tmp, path)
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:

@@ -31,6 +31,7 @@ from inf_quant import paths  # noqa: E402
 from inf_quant.models.configuration_inflm import INFLMConfig  # noqa: E402
 from inf_quant.models.modeling_inflm import INFLMForCausalLM  # noqa: E402
 from inf_quant.models.tokenization_inflm import PATTERN, INFLMTokenizer  # noqa: E402
+from inf_quant.evaluate import eval_windows  # noqa: E402
 from inf_quant.write import copy_modeling_files, save_sharded, write_json  # noqa: E402
 
 CHAT_TOKENS = ["<|start|>", "<|end|>", "<|message|>"]
@@ -84,16 +85,14 @@ def batches(ids: torch.Tensor, seqlen: int, batch: int, steps: int, seed: int):
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seqlen: int) -> float:
+def perplexity(model, windows: torch.Tensor) -> float:
+    """exp(mean NLL) over windows [S, T] (every token but each window's first is predicted)."""
     model.eval()
     nll, n = 0.0, 0
-    for s in range(0, len(ids) - 1, seqlen):
-        x = ids[s: s + seqlen + 1][None]
-        if x.shape[1] < 2:
-            break
+    for x in windows.split(8):
         logits = model(x[:, :-1]).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
-        n += x.shape[1] - 1
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+        n += x[:, 1:].numel()
     return math.exp(nll / n)
 
 
@@ -101,6 +100,31 @@ def unigram_perplexity(train: torch.Tensor, test: torch.Tensor, vocab: int) -> f
     counts = torch.bincount(train, minlength=vocab).double() + 1.0  # add-one smoothing
     logp = (counts / counts.sum()).log()
     return math.exp(-logp[test].mean().item())
+
+
+def evaluate(model, tok, train_ids: torch.Tensor, evals: list[str], seqlen: int) -> tuple[float, float]:
+    """Eval perplexity on non-overlapping (seqlen+1)-token windows of eval/ (the tail dropped), and the add-one
+    unigram baseline fitted on the training tokens, scored on the same predicted tokens."""
+    windows = eval_windows(tok, evals, seqlen + 1)
+    ppl = perplexity(model, windows)
+    uni = unigram_perplexity(train_ids, windows[:, 1:].flatten(), tok.vocab_size)
+    print(f"eval perplexity {ppl:.2f} (bf16 weights) vs unigram baseline {uni:.2f}", flush=True)
+    return ppl, uni
+
+
+def eval_only(args) -> None:
+    """Recompute TRAINING.json's perplexities for the saved model (e.g. after changing the evaluation)."""
+    from transformers import AutoModelForCausalLM
+
+    import inf_quant  # noqa: F401
+
+    tok = INFLMTokenizer(vocab_file=str(args.out / "tokenizer.model"))
+    model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
+    train_ids = torch.tensor([i for t in read_texts(paths.CALIBRATION) for i in tok(t)["input_ids"] + [2]])
+    ppl, uni = evaluate(model, tok, train_ids, read_texts(paths.EVAL), args.seqlen)
+    record = json.loads((args.out / "TRAINING.json").read_text())
+    record.update(eval_perplexity_bf16=round(ppl, 3), eval_unigram_perplexity=round(uni, 3))
+    write_json(args.out / "TRAINING.json", record)
 
 
 def main() -> None:
@@ -113,7 +137,10 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-mib", type=float, default=8.0)
+    ap.add_argument("--eval-only", action="store_true", help="only recompute TRAINING.json's perplexities")
     args = ap.parse_args()
+    if args.eval_only:
+        return eval_only(args)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -149,10 +176,7 @@ def main() -> None:
             print(f"step {step}/{args.steps} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
 
     model = model.to(torch.bfloat16).float()  # the shipped bf16 weights, evaluated with fp32 arithmetic
-    ppl = perplexity(model, eval_ids, args.seqlen)
-    uni = unigram_perplexity(train_ids, eval_ids, tok.vocab_size)
-    print(f"eval perplexity {ppl:.2f} (bf16) vs unigram baseline {uni:.2f}", flush=True)
-
+    ppl, uni = evaluate(model, tok, train_ids, evals, args.seqlen)
     tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_sharded(tensors, args.out, int(args.shard_mib * 2**20))
     cfg = config.to_dict()
