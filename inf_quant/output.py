@@ -197,6 +197,19 @@ def write_configs(ctx, staging: Path) -> None:
                                             "copied_from_input": copied})
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory src to dst by rename; an existing dst (--force) is swapped out, then removed."""
+    if dst.exists():
+        trash = dst.parent / f".{dst.name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
 @dataclass(frozen=True)
 class QuantizeReport:
     out_dir: Path
@@ -244,15 +257,7 @@ def publish(ctx, work: WorkDir, results: list, seconds: float, peak: PeakMemory)
                   ctx.ckpt.info(f"{ctx.lmap.block_prefix(i)}{n}.weight").shape[1]
                   for i in range(ctx.ckpt.num_layers) for n in ctx.lmap.linears)
     out = ctx.out_dir
-    if out.exists():  # --force: swap in the new release, then drop the old one
-        trash = out.parent / f".{out.name}.old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
+    replace_dir(staging, out)
     shutil.rmtree(work.path)
     rss, vram = peak.read()
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .config import Method
+from .errors import NumericalError
 from .pack import (fp16_checked, pack_awq, pack_gptq, unpack_awq_qweight, unpack_awq_qzeros, unpack_gptq_qweight,
                    unpack_gptq_qzeros)
 from .quant.grid import QuantizedWeight
@@ -23,6 +24,11 @@ def to_tensors(q: QuantizedWeight, method: Method, name: str) -> dict[str, Tenso
     scales = fp16_checked(q.scale.t().contiguous(), f"{name}.scales")  # [n_groups, N] fp16
     codes, zero = q.codes.cpu(), q.zero.cpu()
     if method is Method.GPTQ:
+        if bool((zero == 0).any()):
+            raise NumericalError(
+                f"{name}: a zero point of 0 (an asymmetric group with no negative weights) is stored as 2**bits-1 in "
+                "GPTQ v1, and gptqmodel's v1->v2 load conversion carries it into the next field; use --sym "
+                "(the default) for this checkpoint")
         qweight, qzeros = pack_gptq(codes, zero, q.bits)
         return {"qweight": qweight, "qzeros": qzeros, "scales": scales.cpu(), "g_idx": q.g_idx.cpu()}
     qweight, qzeros = pack_awq(codes, zero)

@@ -26,7 +26,7 @@ from .calibrate import file_sha256
 from .config import Recipe, load_recipe
 from .errors import ConfigError
 from .load import open_checkpoint
-from .output import git_commit, public_recipe
+from .output import git_commit, public_recipe, replace_dir
 from .pipeline import quantize, resolve_model_path
 from .verify import verify, versions
 from .write import write_json
@@ -95,18 +95,6 @@ def _build(recipe: Recipe, staging: Path, resume: bool, progress) -> dict:
     return verify(vcfg).data
 
 
-def _publish(src: Path, dst: Path) -> None:
-    if dst.exists():
-        trash = dst.parent / f".{dst.name}.old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        shutil.rmtree(trash)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
-
-
 def _variant_entry(recipe: Recipe, data: dict, vdir: Path) -> dict:
     analytic = data["vram"]["analytic"]
     return {"recipe": public_recipe(recipe), "passed": data["passed"], "gates_failed": _failures(data),
@@ -139,9 +127,9 @@ def release(recipes_dir: str | Path, out: str | Path, model: str | None = None, 
             log.info("%s: quantize -> verify", r.name)
             data = _build(r, staging, resume, progress)
             if data["passed"]:
-                _publish(staging / r.name, final)
+                replace_dir(staging / r.name, final)
             else:
-                _publish(staging / r.name, out / ".rejected" / r.name)
+                replace_dir(staging / r.name, out / ".rejected" / r.name)
                 final = out / ".rejected" / r.name
         if data["passed"]:
             passed.append(r.name)

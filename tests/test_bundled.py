@@ -52,6 +52,15 @@ def test_a_real_language_model_far_below_unigram():
     assert ppl < TRAINING["eval_unigram_perplexity"] / 4
 
 
+def test_auto_classes_load_it_after_import_inf_quant():
+    from transformers import AutoModelForCausalLM
+
+    import inf_quant  # noqa: F401
+
+    m = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
+    assert type(m).__name__ == "INFLMForCausalLM" and m.dtype == torch.bfloat16
+
+
 def test_loads_in_plain_transformers_and_generates():
     got = run_clean(
         "import json, sys, transformers\n"
@@ -101,3 +110,30 @@ def test_verify_fails_a_damaged_checkpoint_naming_the_gate(ci_release, tmp_path,
     code, stdout, err = cli("verify", bad, "--cache-dir", str(tmp_path / "cache"), capsys=capsys)
     assert code == 1, stdout + err
     assert "gate failed:" in stdout and ("max_ppl_increase_pct" in stdout or "max_kl" in stdout)
+
+
+def test_shipped_code_files_match_the_package():
+    """The bundled checkpoint carries inf-quant's modeling/tokenizer files verbatim (they must not drift)."""
+    from inf_quant.paths import MODELING_DIR
+    from inf_quant.write import MODELING_FILES
+
+    for name in MODELING_FILES:
+        assert (DEFAULT_MODEL / name).read_bytes() == (MODELING_DIR / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name", ["inf-tiny-gptq-w4g128", "inf-tiny-gptq-w8g128", "inf-tiny-awq-w4g128"])
+def test_quantized_release_loads_in_plain_transformers_and_generates(ci_release, name):
+    _, out, _ = ci_release
+    got = run_clean(
+        "import json, sys, torch, transformers\n"
+        f"p = {str(out / name)!r}\n"
+        "tok = transformers.AutoTokenizer.from_pretrained(p, trust_remote_code=True)\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True, device_map='cpu',"
+        " dtype=torch.bfloat16)\n"
+        "assert 'inf_quant' not in sys.modules\n"
+        "ids = tok('对酒当歌，', return_tensors='pt').input_ids\n"
+        "out = m.generate(ids, max_new_tokens=8, do_sample=False)\n"
+        "print(json.dumps({'kernel': type(m.model.layers[0].mlp.down_proj).__name__, 'new': out.shape[1] - ids.shape[1],"
+        " 'text': tok.decode(out[0], skip_special_tokens=True)}))\n")
+    assert got["new"] == 8 and got["text"].startswith("对酒当歌，")
+    assert got["kernel"] != "Linear" and got["kernel"].endswith("Linear"), got["kernel"]  # a gptqmodel kernel

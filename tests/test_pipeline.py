@@ -173,6 +173,33 @@ def test_resume_after_interruption_gives_identical_bytes(tmp_path, inflm_ckpt, m
     assert not (tmp_path / ".resumed.partial").exists()
 
 
+def test_asymmetric_zero_point_of_zero_is_refused_not_written_broken(tmp_path, capsys):
+    """gptqmodel's v1->v2 conversion corrupts a stored zero of 0; inf-quant refuses instead of writing it."""
+    model = build_tiny_checkpoint(tmp_path / "m", "llama")
+    from safetensors.torch import load_file
+
+    from inf_quant.write import save_file
+
+    shard = next(p for p in model.glob("*.safetensors")
+                 if "model.layers.0.mlp.up_proj.weight" in load_file(p))
+    t = {k: v.clone() for k, v in load_file(shard).items()}
+    t["model.layers.0.mlp.up_proj.weight"][0, :32] = t["model.layers.0.mlp.up_proj.weight"][0, :32].abs()  # group >= 0
+    save_file(t, shard, metadata={"format": "pt"})
+    code, _, err = cli("gptq", "--model", model, "--out", tmp_path / "o", "--no-sym", *FAST, capsys=capsys)
+    assert code == 2 and "model.layers.0.mlp.up_proj: a zero point of 0" in err and "--sym" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_input_licence_files_are_shipped(tmp_path, capsys):
+    model = build_tiny_checkpoint(tmp_path / "m", "inflm")
+    (model / "LICENSE").write_text("INF licence text\n")
+    (model / "NOTICE.txt").write_text("notice\n")
+    assert cli("gptq", "--model", model, "--out", tmp_path / "o", *FAST, capsys=capsys)[0] == 0
+    assert (tmp_path / "o" / "LICENSE").read_text() == "INF licence text\n"
+    assert (tmp_path / "o" / "NOTICE.txt").is_file()
+    assert "LICENSE" in json.loads((tmp_path / "o" / "inf_quant.json").read_text())["copied_from_input"]
+
+
 def test_existing_output_is_never_overwritten_without_force(tmp_path, inflm_ckpt, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -126,3 +126,29 @@ def test_a_failing_gate_rejects_the_variant_and_exits_1(tmp_path, recipes, capsy
     assert code == 1 and "REJECTED tiny-gptq" in stdout and "min_top1_agreement" in stdout
     assert not (out / "tiny-gptq").exists() and (out / ".rejected" / "tiny-gptq" / "report.md").is_file()
     assert json.loads((out / "manifest.json").read_text())["variants"] == {}
+
+
+def test_kill_9_during_a_release_then_resume_gives_the_same_bytes(tmp_path, recipes):
+    """A real SIGKILL (no cleanup runs) right after the first variant is published."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ref = tmp_path / "ref"
+    release(recipes, ref)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "inf_quant", "release", "--recipes", str(recipes), "--out", str(out),
+                          "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.monotonic() + 600
+    while p.poll() is None and time.monotonic() < deadline and not (out / "tiny-awq").exists():
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the release finished before it could be killed"
+    assert (out / "tiny-awq" / "verify.json").is_file() and not (out / "manifest.json").exists()
+    published = _tree(out / "tiny-awq")
+    report = release(recipes, out, resume=True)
+    assert report.ok and _tree(out / "tiny-awq") == published
+    assert _tree(out) == _tree(ref)
