@@ -107,6 +107,9 @@ def prepare(recipe: Recipe) -> Context:
     seqlen = recipe.calibration.seqlen or min(2048, max_pos)
     if seqlen > max_pos:
         raise ConfigError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings={max_pos}; use <= {max_pos}")
+    out_dir = Path(recipe.output.dir) if recipe.output.dir else output.default_dir(model_dir, recipe)
+    if out_dir.exists() and not recipe.output.force:  # checked again when the work directory opens
+        raise ConfigError(f"{out_dir} already exists; pass --force to replace it, or choose another --out")
     calib_file = resolve_text_file(recipe.calibration.source)
     sha = file_sha256(calib_file)
     if recipe.calibration.sha256 and sha != recipe.calibration.sha256:
@@ -118,7 +121,6 @@ def prepare(recipe: Recipe) -> Context:
         raise CheckpointError(f"{model_dir}: the tokenizer produces id {int(stream.max())} but the model's "
                               f"vocab_size is {config.vocab_size}; the tokenizer files do not belong to this model")
     ids = sample_windows(stream, recipe.calibration.samples, seqlen, recipe.calibration.seed)
-    out_dir = Path(recipe.output.dir) if recipe.output.dir else output.default_dir(model_dir, recipe)
     return Context(recipe, model_dir, ckpt, config, lmap, device, dtype, ids, sha, out_dir)
 
 

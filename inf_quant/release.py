@@ -33,7 +33,6 @@ from .write import write_json
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-REPORT_FILES = ("verify.json", "report.md", "ppl_by_domain.png", "vram.png")
 
 
 @dataclass(frozen=True)

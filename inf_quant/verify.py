@@ -238,7 +238,9 @@ def _quant_summary(config: dict) -> dict:
 
 
 def _files_sha(path: Path) -> dict:
-    skip = {"verify.json", "report.md", "ppl_by_domain.png", "vram.png"}
+    from .report import PPL_PNG, VRAM_PNG
+
+    skip = {"verify.json", "report.md", PPL_PNG, VRAM_PNG}  # verify's own outputs
     return {p.name: file_sha256(p) for p in sorted(path.iterdir()) if p.is_file() and p.name not in skip}
 
 

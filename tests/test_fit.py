@@ -233,3 +233,17 @@ def test_inf34b_4bit_on_24gib_matches_closed_form(kv_dtype):
     assert abs(r.max_context - int((usable - fixed) // per_token)) <= 1
     assert not r.fits and 0 < r.max_context < 32768
     assert ("fp8 KV" in r.to_text().splitlines()[-1]) == (kv_dtype == "fp16")  # suggested unless in use
+
+
+def test_cli_fit_exit_codes_and_json(tmp_path, capsys):
+    """`inf-quant fit`: exit 0 when it fits, 1 when it does not (8-bit on 24 GiB), 2 on bad input."""
+    from helpers import cli
+
+    w4, w8 = inf34b(tmp_path / "w4", "gptq", 4), inf34b(tmp_path / "w8", "gptq", 8)
+    code, out, _ = cli("fit", w4, "--vram-gib", "24", "--context", "4096", "--json", capsys=capsys)
+    data = json.loads(out)
+    assert code == 0 and data["fits"] and data["kv_bytes_per_token"] == 196608 and data["max_context"] >= 4096
+    code, out, _ = cli("fit", w8, "--vram-gib", "24", "--context", "4096", capsys=capsys)
+    assert code == 1 and "does NOT fit" in out
+    code, _, err = cli("fit", tmp_path / "missing", capsys=capsys)
+    assert code == 2 and err.startswith("inf-quant: error:")
