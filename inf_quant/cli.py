@@ -106,27 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given(**kw) -> dict:
+    """The flags the user actually passed (defaults live in the config dataclasses, not in argparse)."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def recipe_from_args(args: argparse.Namespace):
     from .config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Method, ModelConfig, OutputConfig,
                          Recipe, RunConfig)
 
-    def pick(**kw):
-        return {k: v for k, v in kw.items() if v is not None}
-
     method = Method(args.command)
-    q = pick(bits=args.bits, group_size=args.group_size)
+    q = _given(bits=args.bits, group_size=args.group_size)
     if method is Method.GPTQ:
-        q.update(pick(sym=args.sym, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp))
+        q.update(_given(sym=args.sym, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp))
     return Recipe(
         method=method,
         model=ModelConfig(path=args.model or "bundled", trust_remote_code=args.trust_remote_code,
                           allow_pickle=args.allow_pickle),
-        calibration=CalibConfig(**pick(source=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)),
+        calibration=CalibConfig(**_given(source=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)),
         gptq=GPTQConfig(**q) if method is Method.GPTQ else GPTQConfig(),
         awq=AWQConfig(**q) if method is Method.AWQ else AWQConfig(),
-        run=RunConfig(**pick(device=Device(args.device) if args.device else None,
+        run=RunConfig(**_given(device=Device(args.device) if args.device else None,
                              dtype=DType(args.dtype) if args.dtype else None, forward_batch=args.forward_batch)),
-        output=OutputConfig(**pick(dir=args.out, shard_gb=args.shard_gb), force=args.force, resume=args.resume),
+        output=OutputConfig(**_given(dir=args.out, shard_gb=args.shard_gb), force=args.force, resume=args.resume),
     )
 
 
@@ -167,14 +169,11 @@ def _quantize(args) -> int:
 def verify_config_from_args(args):
     from .config import Device, Gates, VerifyConfig
 
-    def pick(**kw):
-        return {k: v for k, v in kw.items() if v is not None}
-
-    return VerifyConfig(quantized=args.quantized, baseline=args.baseline or "", trust_remote_code=args.trust_remote_code,
-                        gates=Gates(**pick(max_ppl_increase_pct=args.max_ppl_increase_pct, max_kl=args.max_kl,
+    return VerifyConfig(quantized=args.quantized, baseline=args.baseline or "bundled", trust_remote_code=args.trust_remote_code,
+                        gates=Gates(**_given(max_ppl_increase_pct=args.max_ppl_increase_pct, max_kl=args.max_kl,
                                            min_top1_agreement=args.min_top1_agreement)),
                         device=Device(args.device) if args.device else Device.AUTO,
-                        **pick(eval=args.eval, seqlen=args.seqlen, max_windows=args.max_windows, vram_gib=args.vram_gib,
+                        **_given(eval=args.eval, seqlen=args.seqlen, max_windows=args.max_windows, vram_gib=args.vram_gib,
                                context=args.context, kv_dtype=args.kv_dtype, report_dir=args.report,
                                cache_dir=args.cache_dir))
 

@@ -150,7 +150,7 @@ class Gates:
 @dataclass(frozen=True)
 class VerifyConfig:
     quantized: str = ""           # the quantized checkpoint directory
-    baseline: str = ""            # its bf16 source; "" = the bundled default model
+    baseline: str = "bundled"     # its bf16 source; "bundled" = models/inf-tiny
     eval: str = "bundled-eval"    # 'bundled-eval' or a .jsonl ({'text', 'lang'}) / .txt file
     seqlen: int = 512             # tokens per eval window (clipped to max_position_embeddings)
     max_windows: int = 0          # 0 = every window of the eval set

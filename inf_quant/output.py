@@ -23,7 +23,8 @@ from .errors import ConfigError
 from .load import safetensors_header
 from .memory import PeakMemory, gib
 from .paths import REPO_ROOT
-from .write import copy_modeling_files, copy_side_files, save_file, save_sharded_lazy, write_json
+from .write import (INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, copy_modeling_files, copy_side_files, save_file, save_sharded_lazy,
+                    write_json)
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -70,9 +71,7 @@ class WorkDir:
 
 
 def open_work_dir(ctx) -> WorkDir:
-    out, rec = ctx.out_dir, ctx.recipe.output
-    if out.exists() and not rec.force:
-        raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    out, rec = ctx.out_dir, ctx.recipe.output  # prepare() already refused an existing out without --force
     work = WorkDir(out.parent / f".{out.name}.partial")
     fp = json.loads(json.dumps(fingerprint(ctx), sort_keys=True))
     state = work.path / STATE
@@ -174,13 +173,12 @@ def write_configs(ctx, staging: Path) -> None:
     copied = copy_side_files(ctx.model_dir, staging)
     if ctx.ckpt.model_type == "inflm":
         copy_modeling_files(staging)
-        cfg["auto_map"] = {"AutoConfig": "configuration_inflm.INFLMConfig",
-                           "AutoModelForCausalLM": "modeling_inflm.INFLMForCausalLM"}
+        cfg["auto_map"] = dict(INFLM_AUTO_MAP)
         tcfg = staging / "tokenizer_config.json"
         if tcfg.is_file():
             t = json.loads(tcfg.read_text(encoding="utf-8"))
             if t.get("tokenizer_class") == "INFLMTokenizer":
-                t["auto_map"] = {"AutoTokenizer": ["tokenization_inflm.INFLMTokenizer", None]}
+                t["auto_map"] = dict(INFLM_TOKENIZER_AUTO_MAP)
                 write_json(tcfg, t)
     write_json(staging / "config.json", cfg)
     if ctx.recipe.method is Method.GPTQ:

@@ -61,16 +61,16 @@ class Context:
     out_dir: Path
 
 
-def resolve_device(recipe: Recipe) -> tuple[torch.device, torch.dtype]:
-    dev = recipe.run.device
+def resolve_device(dev: Device, dtype: DType = DType.AUTO) -> tuple[torch.device, torch.dtype]:
+    """The compute device and forward dtype; AUTO dtype is bf16 on CUDA, fp32 on CPU (exact upcast of bf16)."""
     if dev is Device.CUDA and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
     if dev is Device.AUTO:
         dev = Device.CUDA if torch.cuda.is_available() else Device.CPU
     device = torch.device(dev.value)
-    if recipe.run.dtype is DType.AUTO:
+    if dtype is DType.AUTO:
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, recipe.run.dtype.value)
+    return device, getattr(torch, dtype.value)
 
 
 def resolve_model_path(path: str) -> Path:
@@ -102,13 +102,13 @@ def prepare(recipe: Recipe) -> Context:
     lmap = ckpt.layer_map
     config = hf_config(ckpt, recipe.model.trust_remote_code)
     validate_shapes(ckpt, lmap, recipe)
-    device, dtype = resolve_device(recipe)
+    device, dtype = resolve_device(recipe.run.device, recipe.run.dtype)
     max_pos = int(getattr(config, "max_position_embeddings", 2048))
     seqlen = recipe.calibration.seqlen or min(2048, max_pos)
     if seqlen > max_pos:
         raise ConfigError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings={max_pos}; use <= {max_pos}")
     out_dir = Path(recipe.output.dir) if recipe.output.dir else output.default_dir(model_dir, recipe)
-    if out_dir.exists() and not recipe.output.force:  # checked again when the work directory opens
+    if out_dir.exists() and not recipe.output.force:
         raise ConfigError(f"{out_dir} already exists; pass --force to replace it, or choose another --out")
     calib_file = resolve_text_file(recipe.calibration.source)
     sha = file_sha256(calib_file)

@@ -89,8 +89,7 @@ def _build(recipe: Recipe, staging: Path, resume: bool, progress) -> dict:
     if not reuse:
         out = dataclasses.replace(recipe.output, dir=str(target), force=True, resume=resume)
         quantize(dataclasses.replace(recipe, output=out), progress=progress)
-    vcfg = dataclasses.replace(recipe.verify, quantized=str(target), baseline=str(resolve_model_path(recipe.model.path)),
-                               report_dir="")
+    vcfg = dataclasses.replace(recipe.verify, quantized=str(target), baseline=recipe.model.path, report_dir="")
     return verify(vcfg).data
 
 

@@ -20,12 +20,12 @@ import torch
 from . import __version__
 from .baseline import baseline_stats
 from .calibrate import file_sha256, read_records, resolve_text_file, token_stream
-from .config import Device, Gates, VerifyConfig
+from .config import Gates, VerifyConfig
 from .errors import CheckpointError, ConfigError
 from .fit import fit_checkpoint
 from .load import open_checkpoint
 from .metrics import kl_topk, summarize, top1_agreement
-from .paths import DEFAULT_MODEL
+from .pipeline import resolve_device, resolve_model_path
 from .tokenizer import load_tokenizer
 from .write import write_json
 
@@ -134,13 +134,12 @@ def versions() -> dict:
             "optimum": v("optimum"), "inf_quant": __version__, "python": platform.python_version()}
 
 
-def load_quantized(path: Path, device: torch.device, trust_remote_code: bool):
+def load_quantized(path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
     """The quantized model as a user loads it; bf16 on CUDA, fp32 on CPU (where bf16 matmuls are emulated)."""
     from transformers import AutoModelForCausalLM
 
     import inf_quant  # noqa: F401  (registers inflm, so no remote code is needed)
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=str(device),
                                                     trust_remote_code=trust_remote_code).eval()
@@ -175,18 +174,17 @@ def measure_vram(model, vocab: int, context: int, device: torch.device) -> dict 
 
 def verify(cfg: VerifyConfig) -> VerifyReport:
     qdir = Path(cfg.quantized)
-    bdir = Path(cfg.baseline) if cfg.baseline else DEFAULT_MODEL
+    bdir = resolve_model_path(cfg.baseline)
     qckpt, bckpt = open_checkpoint(qdir), open_checkpoint(bdir)
     check_pair(qckpt.config, bckpt.config, qdir, bdir)
-    device = _device(cfg.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = resolve_device(cfg.device)
     eval_file = resolve_text_file(cfg.eval)
     max_pos = int(bckpt.config.get("max_position_embeddings", cfg.seqlen))
     windows, doms = domain_windows(load_tokenizer(bdir, cfg.trust_remote_code), read_records(eval_file),
                                    min(cfg.seqlen, max_pos), cfg.max_windows)
     base = baseline_stats(bckpt, windows, cfg.top_k, device, dtype, cfg.cache_dir,
                           trust_remote_code=cfg.trust_remote_code)
-    model = load_quantized(qdir, device, cfg.trust_remote_code)
+    model = load_quantized(qdir, device, dtype, cfg.trust_remote_code)
     tgt, kl, agree = quantized_stats(model, windows, base)
     metrics = {"all": summarize(base.target_logp, tgt, kl, agree)}
     for dom in sorted(set(doms)):
@@ -224,12 +222,6 @@ def _measured(model, qdir: Path, qckpt, cfg: VerifyConfig, context: int, device:
     if m is not None:  # the analytic model at the same context, for a like-for-like comparison
         m["analytic_total_bytes"] = fit_checkpoint(qdir, cfg.vram_gib, context, kv_dtype=cfg.kv_dtype).total_bytes
     return m
-
-
-def _device(d: Device) -> torch.device:
-    if d is Device.CUDA and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
-    return torch.device("cuda" if d is Device.CUDA or (d is Device.AUTO and torch.cuda.is_available()) else "cpu")
 
 
 def _quant_summary(config: dict) -> dict:

@@ -16,6 +16,10 @@ import torch
 from .paths import MODELING_DIR
 
 MODELING_FILES = ("configuration_inflm.py", "modeling_inflm.py", "tokenization_inflm.py")
+# config.json's pointer from the Auto classes to the copied MODELING_FILES (plain transformers, trust_remote_code)
+INFLM_AUTO_MAP = {"AutoConfig": "configuration_inflm.INFLMConfig",
+                  "AutoModelForCausalLM": "modeling_inflm.INFLMForCausalLM"}
+INFLM_TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_inflm.INFLMTokenizer", None]}  # tokenizer_config.json
 TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja",

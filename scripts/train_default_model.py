@@ -32,7 +32,7 @@ from inf_quant.models.configuration_inflm import INFLMConfig  # noqa: E402
 from inf_quant.models.modeling_inflm import INFLMForCausalLM  # noqa: E402
 from inf_quant.models.tokenization_inflm import PATTERN, INFLMTokenizer  # noqa: E402
 from inf_quant.evaluate import eval_windows  # noqa: E402
-from inf_quant.write import copy_modeling_files, save_sharded, write_json  # noqa: E402
+from inf_quant.write import INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, copy_modeling_files, save_sharded, write_json  # noqa: E402
 
 CHAT_TOKENS = ["<|start|>", "<|end|>", "<|message|>"]
 CHAT_TEMPLATE = (
@@ -62,7 +62,7 @@ def train_tokenizer(texts: list[str], out: Path, vocab: int) -> None:
                           "special": True} for i, t in enumerate(CHAT_TOKENS)}
     write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "INFLMTokenizer",
-        "auto_map": {"AutoTokenizer": ["tokenization_inflm.INFLMTokenizer", None]},
+        "auto_map": dict(INFLM_TOKENIZER_AUTO_MAP),
         "add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "pad_token": "<pad>", "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": added, "extra_special_tokens": CHAT_TOKENS, "chat_template": CHAT_TEMPLATE,
@@ -180,8 +180,7 @@ def main() -> None:
     tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_sharded(tensors, args.out, int(args.shard_mib * 2**20))
     cfg = config.to_dict()
-    cfg.update(architectures=["INFLMForCausalLM"], dtype="bfloat16", auto_map={
-        "AutoConfig": "configuration_inflm.INFLMConfig", "AutoModelForCausalLM": "modeling_inflm.INFLMForCausalLM"})
+    cfg.update(architectures=["INFLMForCausalLM"], dtype="bfloat16", auto_map=dict(INFLM_AUTO_MAP))
     cfg.pop("transformers_version", None)
     write_json(args.out / "config.json", cfg)
     write_json(args.out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,

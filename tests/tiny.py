@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from inf_quant.paths import DEFAULT_MODEL
-from inf_quant.write import copy_modeling_files, save_sharded, write_json
+from inf_quant.write import INFLM_AUTO_MAP, copy_modeling_files, save_sharded, write_json
 
 TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0)
@@ -54,8 +54,7 @@ def build_tiny_checkpoint(out: Path, model_type: str, vocab_size: int = 8192, se
     cfg["dtype"] = "bfloat16"
     if model_type == "inflm":
         copy_modeling_files(out)
-        cfg["auto_map"] = {"AutoConfig": "configuration_inflm.INFLMConfig",
-                           "AutoModelForCausalLM": "modeling_inflm.INFLMForCausalLM"}
+        cfg["auto_map"] = dict(INFLM_AUTO_MAP)
     write_json(out / "config.json", cfg)
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(DEFAULT_MODEL / name, out / name)
