@@ -1,9 +1,17 @@
-"""Calibration data: seeded token windows from the bundled set or a user file, and block-0 inputs."""
+"""Calibration data: document-aligned token windows, sampled without replacement, from a bundled mix or user files.
+
+A calibration file is a .jsonl of records, each either plain text `{"text": ...}` or a chat
+`{"messages": [{"role": ..., "content": ...}, ...]}` (rendered with the checkpoint's chat template), or a .txt
+file whose blank-line-separated blocks are plain-text records. Every record is one document.
+"""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -11,44 +19,120 @@ import torch
 from .errors import ConfigError
 from .paths import CALIBRATION, EVAL
 
+log = logging.getLogger(__name__)
+
+CHAT = CALIBRATION.parent / "chat.jsonl"
 BUNDLED = {"bundled": CALIBRATION, "bundled-eval": EVAL}
+# calibration.source names of the bundled mixes: plain text (the default model's training text), the chat
+# portion (question/answer conversations from other documents of the same licensed sources), or both
+MIXES = {"bundled": (CALIBRATION,), "bundled-chat": (CHAT,), "bundled-mix": (CALIBRATION, CHAT)}
 
 
 def resolve_text_file(source: str) -> Path:
     """'bundled' (the calibration set), 'bundled-eval', or a path to a .jsonl (field `text`) or .txt file."""
     path = BUNDLED.get(source, Path(source))
     if not path.is_file():
-        raise ConfigError(f"calibration source {source!r}: no such file; use 'bundled' or a path to .jsonl/.txt")
+        raise ConfigError(f"text source {source!r}: no such file; use 'bundled', 'bundled-eval' or a path to "
+                          ".jsonl/.txt")
     if path.suffix not in (".jsonl", ".txt"):
-        raise ConfigError(f"calibration source {path}: expected a .jsonl (one {{'text': ...}} per line) or .txt file")
+        raise ConfigError(f"text source {path}: expected a .jsonl (one {{'text': ...}} per line) or .txt file")
     return path
 
 
+def calibration_files(source: str) -> tuple[Path, ...]:
+    """The files of calibration.source: a bundled mix (see MIXES) or one user .jsonl / .txt path."""
+    if source in MIXES:
+        return MIXES[source]
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"calibration source {source!r}: no such file; use one of {', '.join(MIXES)} "
+                          "or a path to .jsonl/.txt")
+    if path.suffix not in (".jsonl", ".txt"):
+        raise ConfigError(f"calibration source {path}: expected a .jsonl (one {{'text': ...}} or "
+                          "{'messages': [...]} per line) or .txt file")
+    return (path,)
+
+
 def file_sha256(path: Path) -> str:
+    return files_sha256((path,))
+
+
+def files_sha256(paths: tuple[Path, ...]) -> str:
+    """sha256 of the files' bytes read one after another (`cat A B | sha256sum`); one file: its own sha256."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records {'text', optional 'lang', ...}: one per jsonl line, or one per blank-line-separated .txt block."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":
-        return [{"text": t} for t in text.split("\n\n") if t.strip()]
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
+def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) per non-blank line; `where` is 'path:line'."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from e
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise ConfigError(f"{path}:{n}: each line needs a string field 'text'")
+        if not isinstance(rec, dict):
+            raise ConfigError(f"{path}:{n}: each line must be a JSON object")
+        yield f"{path}:{n}", rec
+
+
+def read_records(path: Path) -> list[dict]:
+    """Plain-text records {'text', optional 'lang', ...}: one per jsonl line, or one per blank-line-separated
+    .txt block (used for eval text, which has no chat records)."""
+    if path.suffix == ".txt":
+        return [{"text": t} for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    out = []
+    for where, rec in _jsonl(path):
+        if not isinstance(rec.get("text"), str):
+            raise ConfigError(f"{where}: each line needs a string field 'text'")
         out.append(rec)
     return out
+
+
+def _chat_messages(where: str, rec: dict) -> list[dict]:
+    msgs = rec["messages"]
+    ok = isinstance(msgs, list) and msgs and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+    if not ok:
+        raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+    return msgs
+
+
+def document_ids(tokenizer, paths: tuple[Path, ...]) -> list[list[int]]:
+    """Every record of the files as one document's token ids, each followed by EOS (no BOS, like INF).
+
+    A {'text'} record is tokenized as is. A {'messages'} record is rendered by the tokenizer's chat template
+    (apply_chat_template(tokenize=False)) and that string is tokenized without adding special tokens: the
+    template already writes any it wants, so this gives exactly apply_chat_template(tokenize=True)'s ids.
+    """
+    texts = []
+    for path in paths:
+        if path.suffix == ".txt":
+            texts += [r["text"] for r in read_records(path)]
+        else:
+            texts += [_record_text(tokenizer, where, rec) for where, rec in _jsonl(path)]
+    eos = tokenizer.eos_token_id
+    return [tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] + [eos] for t in texts]
+
+
+def _record_text(tokenizer, where: str, rec: dict) -> str:
+    if ("text" in rec) == ("messages" in rec):
+        raise ConfigError(f"{where}: each line needs exactly one of 'text' (a string) or 'messages' "
+                          "(a list of {'role', 'content'})")
+    if "text" in rec:
+        if not isinstance(rec["text"], str):
+            raise ConfigError(f"{where}: 'text' must be a string")
+        return rec["text"]
+    msgs = _chat_messages(where, rec)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{where}: a chat record ('messages'), but the model's tokenizer has no chat template; "
+                          "add one to tokenizer_config.json or calibrate on plain {'text'} records")
+    return tokenizer.apply_chat_template(msgs, tokenize=False)
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -61,13 +145,49 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def sample_windows(stream: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`samples` windows of `seqlen` tokens at seeded random offsets: [S, T] int64. Deterministic in `seed`."""
-    if len(stream) < seqlen:
-        raise ConfigError(
-            f"the calibration text has {len(stream)} tokens, fewer than one window of seqlen={seqlen}; "
-            "use a smaller --seqlen or a larger --calib file"
-        )
+def window_starts(lengths: list[int], seqlen: int) -> list[int]:
+    """Offsets of non-overlapping seqlen-token windows in the documents laid end to end (lengths: [n_docs]).
+
+    A window starts at a document start. If it ends inside the document it started in (a document longer than
+    seqlen), the next window continues that document; otherwise (short documents are packed, the last one cut
+    off) the next window starts at the next document start, and the cut-off rest is left unused.
+    """
+    doc_starts = [0]
+    for n in lengths:
+        doc_starts.append(doc_starts[-1] + n)
+    total, out, pos = doc_starts[-1], [], 0
+    while pos + seqlen <= total:
+        out.append(pos)
+        end = pos + seqlen
+        doc_end = doc_starts[bisect.bisect_right(doc_starts, pos)]  # end of the document `pos` lies in
+        pos = end if end < doc_end else doc_starts[bisect.bisect_left(doc_starts, end)]  # next document start
+    return out
+
+
+def sample_windows(docs: list[list[int]], samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`samples` calibration windows of `seqlen` tokens, chosen without replacement: [S, T] int64.
+
+    docs: token ids per document, each already ending with EOS (document_ids). The windows are the
+    document-aligned ones of window_starts; a seeded permutation picks S of them, so no token position is used
+    twice. Only when S exceeds the number of windows are windows reused (successive permutations, each window
+    used at most ceil(S / windows) times); that, and asking for more than half of all tokens, is logged.
+    Deterministic in `seed`.
+    """
+    total = sum(len(d) for d in docs)
+    if total < seqlen:
+        raise ConfigError(f"the calibration text has {total} tokens, fewer than one window of seqlen={seqlen}; "
+                          "use a smaller --seqlen or a larger --calib file")
+    stream = torch.tensor([i for d in docs for i in d], dtype=torch.int64)  # [L] int64
+    starts = torch.tensor(window_starts([len(d) for d in docs], seqlen))
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - seqlen + 1, (samples,), generator=g)
-    return torch.stack([stream[s: s + seqlen] for s in starts.tolist()])
+    rounds = -(-samples // len(starts))
+    pick = torch.cat([starts[torch.randperm(len(starts), generator=g)] for _ in range(rounds)])[:samples]
+    asked = samples * seqlen
+    if rounds > 1:
+        log.warning("calibration asks %d x %d = %d tokens, but the %d tokens of text give only %d distinct "
+                    "document-aligned windows: %d windows are reused; add text or lower --samples/--seqlen",
+                    samples, seqlen, asked, total, len(starts), samples - len(starts))
+    elif 2 * asked > total:
+        log.warning("calibration asks %d x %d = %d tokens, more than half of the %d tokens of text; windows "
+                    "differ little between seeds", samples, seqlen, asked, total)
+    return stream[pick[:, None] + torch.arange(seqlen)]

@@ -17,7 +17,7 @@ from . import __version__
 EXAMPLES = """examples:
   inf-quant gptq --bits 4                           # the bundled model -> out/inf-tiny-gptq-w4g128
   inf-quant gptq --bits 8 --model /models/INF-34B-Chat --out /releases/inf34b-gptq-w8g128 --device cuda
-  inf-quant gptq --bits 4 --act-order --damp 0.02 --samples 256 --seqlen 2048 --json
+  inf-quant gptq --bits 4 --order act --damp 0.02 --samples 256 --seqlen 2048 --json
   inf-quant awq --model /models/INF-34B-Chat --out /releases/inf34b-awq-w4g128
   inf-quant gptq --bits 4 --out out/x --resume       # continue an interrupted run (same bytes as uninterrupted)
 """
@@ -30,7 +30,8 @@ def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
     p.add_argument("--out", help="output directory (default: out/<model>-<method>-w<bits>g<group>)")
     p.add_argument("--bits", type=int, choices=bits, help=f"weight bits (default {bits[0]})")
     p.add_argument("--group-size", type=int, help="columns per scale/zero; -1 = per-channel (default 128)")
-    p.add_argument("--calib", help="'bundled' (default) or a path to a .jsonl ({'text': ...} per line) or .txt file")
+    p.add_argument("--calib", help="bundled (default: plain text), bundled-chat, bundled-mix (both), or a .jsonl "
+                   "({'text': ...} or {'messages': [...]} per line) or .txt file")
     p.add_argument("--samples", type=int, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, max_position_embeddings))")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
@@ -57,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _quant_args(g, (4, 8, 2))
     g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid (default on)")
-    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="desc_act column order (default off: Marlin-compatible)")
+    g.add_argument("--order", choices=["group-aware", "natural", "act"],
+                   help="column solve order (default group-aware; 'act' = desc_act, not Marlin-friendly unless "
+                        "--static-groups)")
     g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --act-order: fix group qparams up front (default off)")
+                   help="with --order act: fix group qparams up front so g_idx stays i // G (default off)")
+    g.add_argument("--clip-steps", type=int, help="range-shrink candidates per group searched for the least "
+                                                   "error; 0 = plain min/max (default: see README)")
     g.add_argument("--damp", type=float, help="damping, fraction of mean diag(H) (default 0.01)")
     a = sub.add_parser("awq", help="AWQ 4-bit quantization (gemm format)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,13 +116,14 @@ def _given(**kw) -> dict:
 
 
 def recipe_from_args(args: argparse.Namespace):
-    from .config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Method, ModelConfig, OutputConfig,
-                         Recipe, RunConfig)
+    from .config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Method, ModelConfig, Order,
+                         OutputConfig, Recipe, RunConfig)
 
     method = Method(args.command)
     q = _given(bits=args.bits, group_size=args.group_size)
     if method is Method.GPTQ:
-        q.update(_given(sym=args.sym, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp))
+        q.update(_given(sym=args.sym, order=Order(args.order) if args.order else None,
+                        static_groups=args.static_groups, damp=args.damp, clip_steps=args.clip_steps))
     return Recipe(
         method=method,
         model=ModelConfig(path=args.model or "bundled", trust_remote_code=args.trust_remote_code,

@@ -15,6 +15,14 @@ def _check_group_size(section: str, group_size: int) -> None:
         raise ConfigError(f"{section}.group_size must be -1 (per-channel) or a positive multiple of 8, got {group_size}")
 
 
+class Order(Enum):
+    """The order GPTQ solves a Linear's input columns in (it decides which columns absorb the others' error)."""
+
+    NATURAL = "natural"          # 0..K-1 (the GPTQ paper's default)
+    GROUP_AWARE = "group-aware"  # groups by max diag(H), columns by diag(H) inside each group; g_idx = i // G
+    ACT = "act"                  # all columns by diag(H) (desc_act); g_idx unsorted unless static_groups
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     bits: int = 4
@@ -23,8 +31,11 @@ class GPTQConfig:
     damp: float = 0.01         # fraction of mean(diag H) added to the diagonal
     damp_max_retries: int = 3  # on Cholesky failure: damp x10 at most this many times, then NumericalError
     block_size: int = 128      # columns per lazy batch update
-    act_order: bool = False    # GPTQ-format desc_act; off = Marlin-compatible
-    static_groups: bool = False  # with act_order: fix all group qparams before the solve (keeps g_idx sorted)
+    order: Order = Order.GROUP_AWARE  # NATURAL and GROUP_AWARE are Marlin-compatible; ACT is GPTQ's desc_act
+    static_groups: bool = False  # with order act: fix all group qparams before the solve (keeps g_idx = i // G)
+    clip_steps: int = 20         # per-group range shrink candidates searched for the least error; 0 = min/max
+    clip_max_shrink: float = 0.2  # the smallest range tried is (1 - clip_max_shrink) x min/max
+    clip_norm: float = 2.4       # error = sum |w - q|^clip_norm (the GPTQ reference's find_params(mse=True))
 
     def __post_init__(self):
         if self.bits not in (2, 4, 8):
@@ -34,8 +45,18 @@ class GPTQConfig:
             raise ConfigError(f"gptq.damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise ConfigError(f"gptq.block_size must be >= 1, got {self.block_size}")
-        if self.static_groups and not self.act_order:
-            raise ConfigError("gptq.static_groups only applies with act_order: true")
+        if self.static_groups and self.order is not Order.ACT:
+            raise ConfigError("gptq.static_groups only applies with order: act")
+        if self.clip_steps < 0 or not 0 <= self.clip_max_shrink < 1 or self.clip_norm <= 0:
+            raise ConfigError("gptq: clip_steps must be >= 0, clip_max_shrink in [0, 1), clip_norm > 0")
+
+
+class ScaleForms(Enum):
+    """Which AWQ scale forms the search tries, each over the same exponent grid a in {0, 1/n, ..., (n-1)/n}."""
+
+    PLAIN = "plain"  # s = x_mean ** a (Lin et al. 2023, Eq. 5)
+    DUO = "duo"      # s = x_mean ** a / w_mean ** (1 - a) (AutoAWQ's duo_scaling, its default)
+    BOTH = "both"    # both forms; the better one is kept per group
 
 
 @dataclass(frozen=True)
@@ -47,7 +68,8 @@ class AWQConfig:
     clip_grid: int = 20         # max-abs shrink ratios tried by the clip search
     clip_max_shrink: float = 0.5  # smallest ratio tried is 1 - clip_max_shrink
     clip_tokens: int = 512      # calibration tokens sampled for the clip search
-    search_tokens: int = 16384  # calibration tokens (rows) per group kept for the scale search
+    search_tokens: int = 16384  # tokens for the scale search: max(1, this // T) whole samples, evenly spaced
+    scale_forms: ScaleForms = ScaleForms.BOTH
 
     def __post_init__(self):
         if self.bits != 4:
@@ -87,11 +109,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    source: str = "bundled"  # 'bundled' or a path to .jsonl / .txt
+    source: str = "bundled"  # bundled (plain text), bundled-chat, bundled-mix (both), or a .jsonl / .txt path
     samples: int = 128
     seqlen: int = 0          # 0 = min(2048, the model's max_position_embeddings)
     seed: int = 0
-    sha256: str = ""         # if set, the calibration file must hash to this
+    sha256: str = ""         # if set, the calibration files (concatenated, in mix order) must hash to this
 
     def __post_init__(self):
         if self.samples < 1:

@@ -23,6 +23,8 @@ class Norm(Enum):
 class LinearGroup:
     names: tuple[str, ...]  # relative to a decoder layer; they share one input (one H, one AWQ scale)
     input_from: str         # module whose output feeds them; AWQ folds its scale there
+    inspect: str = ""       # AWQ scores a scale on this module's output (AutoAWQ's module2inspect); "" = the linears'
+    no_clip: tuple[str, ...] = ()  # AWQ skips their clip search (q/k: the q.k product hides clip error; AutoAWQ)
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,10 @@ class LayerMap:
 
 
 LLAMA_GROUPS = (
-    LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+    LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm",
+                inspect="self_attn", no_clip=("self_attn.q_proj", "self_attn.k_proj")),
     LinearGroup(("self_attn.o_proj",), "self_attn.v_proj"),
-    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", inspect="mlp"),
     LinearGroup(("mlp.down_proj",), "mlp.up_proj"),
 )
 

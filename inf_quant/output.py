@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
-from .config import Method, Recipe, to_dict
+from .config import Method, Order, Recipe, to_dict
 from .errors import ConfigError
 from .load import safetensors_header
 from .memory import PeakMemory, gib
@@ -149,7 +149,7 @@ def _fetch(ctx, source: dict[str, Path]):
 def quantization_config(recipe: Recipe) -> dict:
     if recipe.method is Method.GPTQ:
         g = recipe.gptq
-        return {"quant_method": "gptq", "bits": g.bits, "group_size": g.group_size, "desc_act": g.act_order,
+        return {"quant_method": "gptq", "bits": g.bits, "group_size": g.group_size, "desc_act": g.order is Order.ACT,
                 "sym": g.sym, "damp_percent": g.damp, "true_sequential": True, "static_groups": g.static_groups,
                 "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
                 "meta": {"quantizer": [f"inf-quant:{__version__}"]}}

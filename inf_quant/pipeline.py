@@ -1,7 +1,8 @@
 """The block loop: load one decoder layer, calibrate, quantize, propagate, save, free.
 
-Layer i is calibrated on the outputs of the already-quantized layers 0..i-1 (sequential), and inside a layer the
-linear groups of the layer map go in order, each seeing the earlier groups quantized (true sequential). Memory
+Layer i is calibrated on the outputs of the already-quantized layers 0..i-1 (sequential). Inside a layer, GPTQ takes
+the linear groups of the layer map in order, each seeing the earlier groups quantized (true sequential); AWQ
+searches every group's scale first and quantizes after (AutoAWQ's order; see awq_block). Memory
 is one decoder layer + the calibration activations [S, T, D] (twice: inputs and outputs) + one group's H.
 Finished layers are saved to a work directory, so `resume` rebuilds them from disk instead of re-solving.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import output
-from .calibrate import file_sha256, read_records, resolve_text_file, sample_windows, token_stream
+from .calibrate import calibration_files, document_ids, files_sha256, sample_windows
 from .config import Device, DType, Method, Recipe
 from .errors import CheckpointError, ConfigError
 from .layermap import LayerMap
@@ -43,6 +44,7 @@ class LayerResult:
     peak_rss: int             # bytes, process peak so far
     peak_vram: int            # bytes, torch peak allocated so far (0 on CPU)
     resumed: bool             # rebuilt from the work directory, not re-quantized
+    scales: dict[str, tuple[str, float]] = field(default_factory=dict)  # AWQ: group -> chosen (form, alpha)
 
 
 @dataclass(frozen=True)
@@ -110,17 +112,18 @@ def prepare(recipe: Recipe) -> Context:
     out_dir = Path(recipe.output.dir) if recipe.output.dir else output.default_dir(model_dir, recipe)
     if out_dir.exists() and not recipe.output.force:
         raise ConfigError(f"{out_dir} already exists; pass --force to replace it, or choose another --out")
-    calib_file = resolve_text_file(recipe.calibration.source)
-    sha = file_sha256(calib_file)
+    calib_files = calibration_files(recipe.calibration.source)
+    sha = files_sha256(calib_files)
     if recipe.calibration.sha256 and sha != recipe.calibration.sha256:
-        raise ConfigError(f"calibration file {calib_file} has sha256 {sha}, the recipe expects "
+        raise ConfigError(f"calibration {' + '.join(map(str, calib_files))} has sha256 {sha}, the recipe expects "
                           f"{recipe.calibration.sha256}; restore the file or update the recipe")
     tok = load_tokenizer(model_dir, recipe.model.trust_remote_code)
-    stream = token_stream(tok, [r["text"] for r in read_records(calib_file)])
-    if int(stream.max()) >= config.vocab_size:
-        raise CheckpointError(f"{model_dir}: the tokenizer produces id {int(stream.max())} but the model's "
+    docs = document_ids(tok, calib_files)
+    top = max(max(d) for d in docs)
+    if top >= config.vocab_size:
+        raise CheckpointError(f"{model_dir}: the tokenizer produces id {top} but the model's "
                               f"vocab_size is {config.vocab_size}; the tokenizer files do not belong to this model")
-    ids = sample_windows(stream, recipe.calibration.samples, seqlen, recipe.calibration.seed)
+    ids = sample_windows(docs, recipe.calibration.samples, seqlen, recipe.calibration.seed)
     return Context(recipe, model_dir, ckpt, config, lmap, device, dtype, ids, sha, out_dir)
 
 
@@ -205,8 +208,9 @@ def apply_saved(ctx: Context, block: nn.Module, i: int, tensors: dict[str, torch
 
 
 def quantize_layer(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
+    """(checkpoint tensors, losses, notes, AWQ scale per group) for one layer."""
     if ctx.recipe.method is Method.GPTQ:
-        return gptq_block(ctx, block, i, hidden, rope)
+        return (*gptq_block(ctx, block, i, hidden, rope), {})
     from .awq_block import awq_block
 
     return awq_block(ctx, block, i, hidden, rope)
@@ -232,9 +236,9 @@ def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None
             saved = work.layer_file(i)
             if saved.is_file():
                 apply_saved(ctx, block, i, load_file(saved))
-                losses, notes, resumed = {}, [], True
+                losses, notes, scales, resumed = {}, [], {}, True
             else:
-                tensors, losses, notes = quantize_layer(ctx, block, i, hidden, rope)
+                tensors, losses, notes, scales = quantize_layer(ctx, block, i, hidden, rope)
                 work.save_layer(i, tensors, ctx)
                 resumed = False
             for note in notes:
@@ -242,10 +246,14 @@ def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None
             hidden = forward_all(block, hidden, rope, recipe.run.forward_batch)
             del block
             rss, vram = peak.read()
-            results.append(LayerResult(i, time.monotonic() - t_layer, losses, tuple(notes), rss, vram, resumed))
+            results.append(LayerResult(i, time.monotonic() - t_layer, losses, tuple(notes), rss, vram, resumed, scales))
             if progress:
                 progress(results[-1], ctx.ckpt.num_layers)
         del hidden
+    if any(r.scales for r in results):
+        from .awq_block import scale_summary
+
+        log.info("AWQ scales: %s", scale_summary([r.scales for r in results if r.scales]))
     return output.publish(ctx, work, results, time.monotonic() - t0, peak)
 
 

@@ -1,26 +1,52 @@
-"""The bundled calibration and eval sets: size, language mix, provenance, disjointness, integrity."""
+"""The bundled calibration, chat and eval sets: size, language mix, provenance, disjointness, integrity."""
 
 import hashlib
 import json
 
-from inf_quant.paths import CALIBRATION, EVAL, REPO_ROOT
+import pytest
+
+from inf_quant.calibrate import CHAT, MIXES, document_ids, files_sha256, window_starts
+from inf_quant.paths import CALIBRATION, DEFAULT_MODEL, EVAL, REPO_ROOT
 from inf_quant.tokenizer import load_tokenizer
-from inf_quant.paths import DEFAULT_MODEL
 
 
 def rows(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_calibration_is_large_mixed_and_mostly_licensed():
+@pytest.fixture(scope="module")
+def tokens():
+    """Per bundled file: (lang, token count incl. EOS) per record, with the bundled model's tokenizer."""
+    tok = load_tokenizer(DEFAULT_MODEL)
+    return {p: [(r["lang"], len(ids)) for r, ids in zip(rows(p), document_ids(tok, (p,)))] for p in (CALIBRATION, CHAT)}
+
+
+def test_calibration_is_large_mixed_and_mostly_licensed(tokens):
     calib = rows(CALIBRATION)
     assert CALIBRATION.stat().st_size >= 1_000_000
     assert {r["lang"] for r in calib} == {"en", "zh", "code", "math"}
-    tok = load_tokenizer(DEFAULT_MODEL)
-    n = {}
-    for r in calib:
-        n[r["lang"]] = n.get(r["lang"], 0) + len(tok(r["text"])["input_ids"])
-    assert n["zh"] / sum(n.values()) >= 0.30, n
+    for mix, files in MIXES.items():
+        n = {}
+        for lang, k in (x for f in files for x in tokens[f]):
+            n[lang] = n.get(lang, 0) + k
+        assert n["zh"] / sum(n.values()) >= 0.30, (mix, n)
+
+
+@pytest.mark.parametrize("mix", ["bundled", "bundled-mix"])
+def test_enough_text_for_128_distinct_2048_token_windows(tokens, mix):
+    """INF-34B's recipes take 128 x 2048 tokens: the bundled model's tokenizer finds that many disjoint windows."""
+    lengths = [k for f in MIXES[mix] for _, k in tokens[f]]
+    assert len(window_starts(lengths, 2048)) >= 128
+
+
+def test_chat_portion_is_chat_from_documents_no_other_set_uses():
+    chat, others = rows(CHAT), rows(CALIBRATION) + rows(EVAL)
+    assert 100_000 <= CHAT.stat().st_size <= 500_000
+    assert {r["lang"] for r in chat} == {"en", "zh"} and not any("text" in r for r in chat)
+    for r in chat:
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, r["doc"]
+    assert not {(r["source"], r["doc"]) for r in chat} & {(r["source"], r["doc"]) for r in others}
 
 
 def test_no_benchmark_test_split_and_eval_is_disjoint():
@@ -32,9 +58,10 @@ def test_no_benchmark_test_split_and_eval_is_disjoint():
 
 def test_every_source_has_provenance_and_manifest_matches():
     manifest = json.loads((REPO_ROOT / "calibration" / "MANIFEST.json").read_text())
-    for name, path in (("calibration", CALIBRATION), ("eval", EVAL)):
+    for name, path in (("calibration", CALIBRATION), ("eval", EVAL), ("chat", CHAT)):
         assert manifest[name]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert manifest["mixes"] == {mix: files_sha256(files) for mix, files in MIXES.items()}
     provenance = (REPO_ROOT / "calibration" / "PROVENANCE.md").read_text(encoding="utf-8")
-    for r in rows(CALIBRATION) + rows(EVAL):
+    for r in rows(CALIBRATION) + rows(EVAL) + rows(CHAT):
         assert f"`{r['source']}`" in provenance, f"source {r['source']} has no PROVENANCE entry"
         assert (REPO_ROOT / "calibration" / "licenses").joinpath(r["source"] + ".txt").is_file(), r["source"]

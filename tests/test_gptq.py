@@ -6,14 +6,25 @@ import logging
 import pytest
 import torch
 
-from inf_quant.config import GPTQConfig
+from inf_quant.config import GPTQConfig, Order
 from inf_quant.errors import ConfigError, NumericalError
 from inf_quant.quant.gptq import accumulate_hessian, gptq_quantize
-from inf_quant.quant.grid import dequantize, dequantize_weight, qparams, quantize, rtn_quantize
+from inf_quant.quant.grid import dequantize, dequantize_weight, qparams, quantize, rtn_quantize, search_qparams
 from tolerances import (EXACT, GPTQ_LOSS_RTOL, GPTQ_MIN_GAIN_OVER_RTN, GPTQ_VS_REF_ATOL, GPTQ_VS_REF_RTOL,
                         HESSIAN_ATOL, HESSIAN_RTOL, MAX_TIE_FRACTION, ROUNDING_TIE, assert_close)
 
 N, K = 16, 80
+
+
+def reference_order(diag, G, order):
+    """Solve order written out with Python sorts (stable: ties keep the lower column first)."""
+    d, K = diag.tolist(), len(diag)
+    if order is Order.ACT:
+        return torch.tensor(sorted(range(K), key=lambda i: -d[i]))
+    if order is Order.NATURAL:
+        return torch.arange(K)
+    groups = sorted(range(K // G), key=lambda g: -max(d[g * G:(g + 1) * G]))
+    return torch.tensor([c for g in groups for c in sorted(range(g * G, (g + 1) * G), key=lambda i: -d[i])])
 
 
 def gptq_reference(w, h, cfg, codes_taken):
@@ -24,8 +35,9 @@ def gptq_reference(w, h, cfg, codes_taken):
     G = K if cfg.group_size == -1 else cfg.group_size
     dead = H.diag() == 0
     H[dead, dead], W[:, dead] = 1, 0
-    perm = torch.argsort(H.diag(), descending=True, stable=True) if cfg.act_order else torch.arange(K)
-    static_scale, static_zero = qparams(W.reshape(N, K // G, G), cfg.bits, cfg.sym)
+    perm = reference_order(H.diag(), G, cfg.order)
+    search = dict(steps=cfg.clip_steps, max_shrink=cfg.clip_max_shrink, norm=cfg.clip_norm)
+    static_scale, static_zero = search_qparams(W.reshape(N, K // G, G), cfg.bits, cfg.sym, **search)
     W, H, codes_taken = W[:, perm], H[perm][:, perm], codes_taken[:, perm]
     H += cfg.damp * H.diag().mean() * torch.eye(K, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -34,7 +46,7 @@ def gptq_reference(w, h, cfg, codes_taken):
         if cfg.static_groups:
             s, z = static_scale[:, perm[j] // G], static_zero[:, perm[j] // G]
         elif j % G == 0:
-            s, z = qparams(W[:, j:j + G], cfg.bits, cfg.sym)
+            s, z = search_qparams(W[:, j:j + G], cfg.bits, cfg.sym, **search)
         v = W[:, j] / s
         tie = (v - v.floor() - 0.5).abs() < ROUNDING_TIE
         codes[:, j] = torch.where(tie, codes_taken[:, j], quantize(W[:, j], s, z, cfg.bits))
@@ -56,9 +68,11 @@ def _data(seed=0, m=256, n=N, k=K):
     return w, x, 2 / m * x.T @ x
 
 
-CASES = [dict(group_size=g, sym=s, act_order=a, block_size=b)
-         for g in (16, -1) for s in (True, False) for a in (False, True) for b in (24, 7)]
-CASES += [dict(group_size=16, sym=s, act_order=True, static_groups=True, block_size=b)
+CASES = [dict(group_size=g, sym=s, order=a, block_size=b)
+         for g in (16, -1) for s in (True, False) for a in Order for b in (24, 7)]
+CASES += [dict(group_size=16, sym=s, order=a, clip_steps=10, block_size=24)
+          for s in (True, False) for a in (Order.NATURAL, Order.GROUP_AWARE)]
+CASES += [dict(group_size=16, sym=s, order=Order.ACT, static_groups=True, block_size=b)
           for s in (True, False) for b in (24, 128)]
 
 
@@ -73,7 +87,7 @@ def test_blocked_equals_column_reference(kw):
     assert_close(dequantize_weight(q), ref_deq, GPTQ_VS_REF_ATOL, GPTQ_VS_REF_RTOL, "dequantized W vs reference")
     assert_close(torch.tensor(q.proxy_loss), torch.tensor(ref_loss), EXACT, GPTQ_LOSS_RTOL, "proxy loss")
     assert q.damp == cfg.damp
-    if cfg.act_order and not cfg.static_groups:
+    if (cfg.order is Order.ACT) and not cfg.static_groups:
         assert q.perm is not None and sorted(q.perm.tolist()) == list(range(K))
     else:
         g = K if cfg.group_size == -1 else cfg.group_size
@@ -81,7 +95,7 @@ def test_blocked_equals_column_reference(kw):
 
 
 def test_act_order_g_idx_maps_columns_to_groups():
-    cfg = GPTQConfig(bits=4, group_size=16, act_order=True)
+    cfg = GPTQConfig(bits=4, group_size=16, order=Order.ACT)
     w, x, h = _data()
     q = gptq_quantize(w, h, cfg)
     assert q.perm.tolist() == torch.argsort(h.diag(), descending=True, stable=True).tolist()
@@ -94,30 +108,30 @@ def test_act_order_g_idx_maps_columns_to_groups():
 @pytest.mark.parametrize("sym", [True, False])
 def test_identity_hessian_equals_rtn(group_size, sym):
     w, _, _ = _data()
-    q = gptq_quantize(w, torch.eye(K), GPTQConfig(bits=4, group_size=group_size, sym=sym, block_size=7))
+    q = gptq_quantize(w, torch.eye(K), GPTQConfig(bits=4, group_size=group_size, sym=sym, block_size=7, clip_steps=0))
     r = rtn_quantize(w, 4, group_size, sym)
     assert_close(q.codes, r.codes, EXACT, EXACT, "codes vs RTN")
     assert_close(q.scale, r.scale, EXACT, EXACT, "scale vs RTN")
     assert_close(q.zero, r.zero, EXACT, EXACT, "zero vs RTN")
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_beats_rtn_on_correlated_inputs(act_order):
+@pytest.mark.parametrize("order", list(Order))
+def test_beats_rtn_on_correlated_inputs(order):
     w, x, h = _data(seed=1, m=512, n=64, k=128)
-    q = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, sym=False, act_order=act_order))
+    q = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, sym=False, order=order))
     r = rtn_quantize(w, 4, 32, sym=False)
     gptq_err = (x @ (w - dequantize_weight(q)).T).square().sum()
     rtn_err = (x @ (w - dequantize_weight(r)).T).square().sum()
     assert gptq_err <= (1 - GPTQ_MIN_GAIN_OVER_RTN) * rtn_err, f"GPTQ {gptq_err:.4g} vs RTN {rtn_err:.4g}"
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_dead_columns(act_order):
+@pytest.mark.parametrize("order", list(Order))
+def test_dead_columns(order):
     w, x, _ = _data()
     dead = [5, 40, 79]
     x[:, dead] = 0
     h = 2 / x.shape[0] * x.T @ x
-    q = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, act_order=act_order, block_size=24))
+    q = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, order=order, block_size=24))
     deq = dequantize_weight(q)
     assert_close(deq[:, dead], torch.zeros(N, len(dead)), EXACT, EXACT, "weight at dead columns")
     assert bool(torch.isfinite(x @ deq.T).all()) and bool(torch.isfinite(deq).all())
@@ -175,8 +189,8 @@ def test_accumulate_hessian_is_pure():
     assert torch.equal(h0, before) and h1 is not h0 and n == 8
 
 
-@pytest.mark.parametrize("cfg", [GPTQConfig(group_size=16, act_order=True, block_size=24),
-                                 GPTQConfig(group_size=16, act_order=True, static_groups=True)])
+@pytest.mark.parametrize("cfg", [GPTQConfig(group_size=16, order=Order.ACT, block_size=24),
+                                 GPTQConfig(group_size=16, order=Order.ACT, static_groups=True)])
 def test_does_not_modify_arguments(cfg):
     w, x, _ = _data()
     x[:, 7] = 0                                   # a dead column: the path that zeroes W and sets H[i, i]
@@ -198,7 +212,7 @@ def test_shape_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     w, x, h = _data(seed=2, m=512, n=64, k=128)
-    cfg = GPTQConfig(bits=4, group_size=32, act_order=True)
+    cfg = GPTQConfig(bits=4, group_size=32, order=Order.ACT)
     cpu = gptq_quantize(w, h, cfg)
     gpu = gptq_quantize(w.cuda(), h.cuda(), cfg)
     assert gpu.codes.device.type == "cuda" and gpu.g_idx.device.type == "cuda"
@@ -207,3 +221,72 @@ def test_cuda_matches_cpu():
     e_cpu = (x @ (w - dequantize_weight(cpu)).T).square().sum()
     e_gpu = (x @ (w - dequantize_weight(gpu).cpu()).T).square().sum()
     assert abs(e_gpu - e_cpu) <= 0.05 * e_cpu
+
+
+def test_group_aware_order_solves_whole_groups_by_importance_and_keeps_g_idx_sorted():
+    w, x, h = _data()
+    cfg = GPTQConfig(bits=4, group_size=16, order=Order.GROUP_AWARE)
+    q = gptq_quantize(w, h, cfg)
+    d = h.diag()
+    runs = q.perm.reshape(K // 16, 16)
+    assert all(len(set((r // 16).tolist())) == 1 for r in runs), "a group was split across solve runs"
+    maxes = [float(d[r].max()) for r in runs]
+    assert maxes == sorted(maxes, reverse=True), "groups not in descending max diag(H)"
+    assert all((d[r][:-1] >= d[r][1:]).all() for r in runs), "columns not in descending diag(H) inside a group"
+    assert q.g_idx.tolist() == [i // 16 for i in range(K)]
+    assert q.perm.tolist() != list(range(K)), "the test data no longer reorders anything"
+
+
+def test_group_aware_beats_natural_order_on_uneven_columns():
+    """A few columns carry most of the activation energy (as outlier channels do in real LLMs): solving their
+    groups first, and them first inside each group, lowers the output error (seeds 1-5: 7-25 % lower)."""
+    for seed in range(1, 6):
+        w, x, _ = _data(seed=seed, m=512, n=64, k=128)
+        x[:, torch.randperm(128, generator=torch.Generator().manual_seed(seed))[:6]] *= 8
+        h = 2 / x.shape[0] * x.T @ x
+        err = {o: float((x @ (w - dequantize_weight(gptq_quantize(w, h, GPTQConfig(group_size=32, order=o)))).T)
+                        .square().sum()) for o in (Order.NATURAL, Order.GROUP_AWARE)}
+        assert err[Order.GROUP_AWARE] < err[Order.NATURAL], f"seed {seed}: {err}"
+
+
+def _brute_force_search(w, bits, sym, steps, max_shrink, norm):
+    """Every candidate shrink of every row, one at a time in float64."""
+    best = []
+    for row in w.double():
+        cands = []
+        for i in range(steps + 1):
+            p = 1 - max_shrink * i / steps
+            lo, hi = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
+            if sym:
+                hi = max(-lo, hi)
+                lo = -hi
+            scale = (p * hi - p * lo) / (2**bits - 1)
+            zero = 2 ** (bits - 1) if sym else min(max(round(-p * lo / scale), 0), 2**bits - 1)
+            q = ((row / scale).round() + zero).clamp(0, 2**bits - 1)
+            cands.append((float(((q - zero) * scale - row).abs().pow(norm).sum()), i, scale, zero))
+        best.append(min(cands, key=lambda c: (c[0], c[1])))
+    return best
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_search_qparams_equals_brute_force_and_never_loses_to_min_max(sym):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 32, generator=g) * torch.rand(64, 1, generator=g)
+    w[:, 0] *= 4                                                         # an outlier per row: clipping pays off
+    scale, zero = search_qparams(w, 4, sym, steps=20, max_shrink=0.3, norm=2.4)
+    s0, z0 = qparams(w, 4, sym)
+    err = (dequantize(quantize(w, scale.unsqueeze(1), zero.unsqueeze(1), 4), scale.unsqueeze(1),
+                      zero.unsqueeze(1)) - w).abs().pow(2.4).sum(1)
+    err0 = (dequantize(quantize(w, s0.unsqueeze(1), z0.unsqueeze(1), 4), s0.unsqueeze(1), z0.unsqueeze(1))
+            - w).abs().pow(2.4).sum(1)
+    assert bool((err <= err0).all()) and float(err.sum()) < 0.99 * float(err0.sum())  # measured -10 % sym, -3.6 % asym
+    ref = _brute_force_search(w, 4, sym, 20, 0.3, 2.4)
+    assert_close(scale.double(), torch.tensor([r[2] for r in ref]), EXACT, 1e-6, "searched scale vs brute force")
+    assert zero.tolist() == [r[3] for r in ref]
+
+
+def test_search_qparams_without_steps_is_min_max():
+    w, _, _ = _data()
+    for sym in (True, False):
+        a, b = search_qparams(w.reshape(N, -1, 16), 4, sym, steps=0, max_shrink=0.2), qparams(w.reshape(N, -1, 16), 4, sym)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

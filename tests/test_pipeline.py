@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import cli, run_clean, tree_hashes
-from inf_quant.config import AWQConfig, CalibConfig, GPTQConfig, Method, ModelConfig, OutputConfig, Recipe
+from inf_quant.config import AWQConfig, CalibConfig, GPTQConfig, Method, ModelConfig, Order, OutputConfig, Recipe
 from inf_quant.pipeline import quantize
 from inf_quant.reference import load_dequantized
 from tiny import build_tiny_checkpoint
@@ -139,7 +139,7 @@ def _recipe(model, out, method="gptq", resume=False, **kw) -> Recipe:
                   awq=AWQConfig(group_size=32), output=OutputConfig(dir=str(out), resume=resume))
 
 
-@pytest.mark.parametrize("method, kw", [("gptq", {"act_order": True}), ("awq", {})])
+@pytest.mark.parametrize("method, kw", [("gptq", {"order": Order.ACT}), ("awq", {})])
 def test_two_runs_are_byte_identical(tmp_path, inflm_ckpt, method, kw):
     a, b = tmp_path / "a", tmp_path / "b"
     quantize(_recipe(inflm_ckpt, a, method, **kw))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.calibrate import file_sha256
-from inf_quant.config import load_recipe
+from inf_quant.calibrate import calibration_files, file_sha256, files_sha256
+from inf_quant.config import Order, load_recipe
 from inf_quant.errors import ConfigError
 from inf_quant.paths import CALIBRATION, REPO_ROOT
 from inf_quant.release import release
@@ -41,9 +41,9 @@ def test_repository_recipes_are_valid_and_pin_the_calibration_set():
     assert len(list((REPO_ROOT / "recipes" / "ci").glob("*.yaml"))) >= 3
     for p in files:
         r = load_recipe(p)
-        assert r.calibration.sha256 == file_sha256(CALIBRATION), p
+        assert r.calibration.sha256 == files_sha256(calibration_files(r.calibration.source)), p
     w4 = load_recipe(REPO_ROOT / "recipes" / "inf34b-chat-gptq-w4g128.yaml")
-    assert (w4.gptq.bits, w4.gptq.group_size, w4.gptq.sym, w4.gptq.act_order) == (4, 128, True, False)
+    assert (w4.gptq.bits, w4.gptq.group_size, w4.gptq.sym, w4.gptq.order) == (4, 128, True, Order.GROUP_AWARE)
     assert w4.model.path == ""  # the 34B recipes take --model
     assert all(load_recipe(p).model.path == "bundled" for p in (REPO_ROOT / "recipes" / "ci").glob("*.yaml"))
 

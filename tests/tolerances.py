@@ -83,3 +83,8 @@ STREAMED_VS_FULL_LOGP_ATOL = 1e-4
 # The bundled model's eval perplexity recomputed layer-streamed (fp32 arithmetic on bf16 weights) vs the number the
 # training script recorded with transformers' forward on the same weights and windows: kernel-order differences only.
 BUNDLED_PPL_RTOL = 0.005
+
+# Real-model gate (tests/test_real_model.py, SmolLM2-135M, 8 x 256 calibration tokens, 8 x 256 eval tokens): the
+# default 4-bit GPTQ's perplexity rise must be at most this fraction of round-to-nearest's on the same grid.
+# Measured: see bench/RESULTS.md ("CI real-model gate"); the old default (natural order) failed it.
+REAL_MODEL_MAX_RISE_VS_RTN = 0.75

@@ -16,9 +16,9 @@ import math
 import torch
 from torch import Tensor
 
-from ..config import GPTQConfig
+from ..config import GPTQConfig, Order
 from ..errors import ConfigError, NumericalError
-from .grid import QuantizedWeight, dequantize, qparams, quantize, resolve_group_size
+from .grid import QuantizedWeight, dequantize, quantize, resolve_group_size, search_qparams
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,33 @@ def _damped_hinv_(H: Tensor, cfg: GPTQConfig, name: str) -> tuple[Tensor, float]
     )
 
 
+def solve_order(diag: Tensor, G: int, order: Order) -> Tensor | None:
+    """The order the columns are solved in: a [K] int64 permutation, or None for 0..K-1 (Order.NATURAL).
+
+    diag: [K] fp32, diag(H) with dead columns already set to 1
+    ACT: all columns by descending diag(H) (GPTQ's act-order, the format's desc_act).
+    GROUP_AWARE: the K // G groups of consecutive columns by descending max diag(H), and inside each group
+        its columns by descending diag(H) (group-aware reordering, Gafni et al. 2025; GPTQModel's
+        act_group_aware). Every group is still solved as one run of G columns, so its qparams are fixed at
+        its first solved column from weights that already carry the error of the groups solved before it,
+        and g_idx stays i // G (Marlin-compatible).
+    Ties keep the lower column first (stable sorts), so the order is deterministic.
+    """
+    if order is Order.NATURAL:
+        return None
+    if order is Order.ACT:
+        return torch.argsort(diag, descending=True, stable=True)
+    d = diag.reshape(-1, G)                                                  # [K // G, G]
+    local = torch.argsort(d, dim=1, descending=True, stable=True)            # [K // G, G]
+    groups = torch.argsort(d.amax(dim=1), descending=True, stable=True)      # [K // G]
+    return (groups.unsqueeze(1) * G + local[groups]).reshape(-1)
+
+
+def _group_qparams(w: Tensor, cfg: GPTQConfig) -> tuple[Tensor, Tensor]:
+    """Qparams of each row of w: [..., G] -> scale, zero [...]; min/max, or the clip search if cfg asks."""
+    return search_qparams(w, cfg.bits, cfg.sym, cfg.clip_steps, cfg.clip_max_shrink, cfg.clip_norm)
+
+
 def _current_group(W: Tensor, W1: Tensor, Err1: Tensor, Hinv: Tensor, i1: int, i: int, G: int) -> Tensor:
     """Up-to-date weights of the group starting at column j = i1 + i: [N, G] fp32.
 
@@ -104,20 +131,22 @@ def _current_group(W: Tensor, W1: Tensor, Err1: Tensor, Hinv: Tensor, i1: int, i
     return torch.cat([inside, outside], dim=1)
 
 
-def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig,
-           static: tuple[Tensor, Tensor, list[int]] | None) -> tuple[Tensor, Tensor, Tensor, float]:
+def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int],
+           static: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor, float]:
     """The blocked GPTQ column loop (Alg. 1 with lazy batch updates) over columns in solve order.
 
     W:    [N, K] fp32  weights in solve order; private working copy, modified in place
     Hinv: [K, K] fp32  upper Cholesky factor of the damped H^-1, in solve order
-    static: (scale [N, n_groups], zero [N, n_groups], group of each solve position) or None;
-            None = qparams fixed from the current weights at each group's first column.
+    col_group: the group (index into scale/zero) of each solve position
+    static: (scale, zero [N, n_groups]) fixed before the solve, or None: the qparams of each group are fixed
+            at its first solve position (j % G == 0; each group's G columns are consecutive in solve order)
+            from the current weights of the G columns starting there.
     returns codes [N, K] uint8 (solve order), scale and zero [N, n_groups], proxy loss.
     """
     N, K = W.shape
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
     if static is not None:
-        scale, zero, col_group = static
+        scale, zero = static
     else:
         scale = torch.empty(N, K // G, dtype=torch.float32, device=W.device)
         zero = torch.empty(N, K // G, dtype=torch.int32, device=W.device)
@@ -129,13 +158,9 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig,
         Hinv1 = Hinv[i1:i2, i1:i2]                   # [B, B]
         for i in range(i2 - i1):
             j = i1 + i
-            if static is not None:
-                g = col_group[j]
-            else:
-                g = j // G
-                if j % G == 0:
-                    group = _current_group(W, W1, Err1, Hinv, i1, i, G)   # [N, G]
-                    scale[:, g], zero[:, g] = qparams(group, cfg.bits, cfg.sym)
+            g = col_group[j]
+            if static is None and j % G == 0:
+                scale[:, g], zero[:, g] = _group_qparams(_current_group(W, W1, Err1, Hinv, i1, i, G), cfg)
             w, d = W1[:, i], Hinv1[i, i]
             q = quantize(w, scale[:, g], zero[:, g], cfg.bits)
             codes[:, j] = q
@@ -147,17 +172,6 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig,
     return codes, scale, zero, loss.item()
 
 
-def _static_qparams(W: Tensor, G: int, cfg: GPTQConfig, perm: Tensor) -> tuple[Tensor, Tensor, list[int]]:
-    """All group qparams up front from the unpermuted weight (static_groups), so g_idx stays i // G.
-
-    W: [N, K] fp32 unpermuted; perm: [K] int64. Returns scale, zero [N, n_groups] and the group of
-    each solve position (perm[p] // G).
-    """
-    N, K = W.shape
-    scale, zero = qparams(W.reshape(N, K // G, G), cfg.bits, cfg.sym)
-    return scale, zero, (perm // G).tolist()
-
-
 @torch.no_grad()
 def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear") -> QuantizedWeight:
     """GPTQ for one Linear (Frantar et al. 2022, Alg. 1).
@@ -165,10 +179,11 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear") -
     w: [N, K] float  weight; rows are output channels; not modified
     h: [K, K] fp32   2/(S*T) * X^T X from calibration tokens (accumulate_hessian); not modified
     name: the layer's name, used in log lines and errors
-    Dead columns (diag H == 0) get H[i, i] = 1 and w[:, i] = 0. With act_order, columns are solved
-    in order of descending diag H and g_idx maps each original column to its group; with
-    static_groups all qparams come from the unpermuted weight first, so g_idx = i // G.
-    Columns go in blocks of cfg.block_size; qparams are fixed at each group's first column.
+    Dead columns (diag H == 0) get H[i, i] = 1 and w[:, i] = 0. Columns are solved in `solve_order`
+    (cfg.order); with Order.ACT g_idx maps each original column to its group, with static_groups all
+    qparams come from the unpermuted weight first, so g_idx = i // G (as for NATURAL and GROUP_AWARE).
+    Columns go in blocks of cfg.block_size; qparams are fixed at each group's first column (min/max, or
+    the cfg.clip_steps range search of grid.search_qparams).
     Returns codes in original column order, scale/zero [N, K // G], proxy_loss and the damp used.
     """
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
@@ -184,17 +199,21 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear") -
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1
     W[:, dead] = 0
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if cfg.act_order else None
-    static = _static_qparams(W, G, cfg, perm) if cfg.static_groups else None
+    perm = solve_order(H.diagonal(), G, cfg.order)
+    col = torch.arange(K, device=w.device) if perm is None else perm
+    static = _group_qparams(W.reshape(N, K // G, G), cfg) if cfg.static_groups else None
+    # the group of each solve position: its column's own group (i // G), except for dynamic act-order,
+    # whose groups are runs of G solve positions
+    col_group = (torch.arange(K) // G if cfg.order is Order.ACT and static is None else col.cpu() // G).tolist()
     if perm is not None:
         W, H = W[:, perm], H[perm.unsqueeze(1), perm]             # one gather: a single new [K, K]
     Hinv, damp = _damped_hinv_(H, cfg, name)
     del H
-    codes, scale, zero, loss = _solve(W, Hinv, G, cfg, static)
-    g_idx = torch.arange(K, device=w.device) // G                   # static groups, or no act_order
+    codes, scale, zero, loss = _solve(W, Hinv, G, cfg, col_group, static)
+    g_idx = torch.arange(K, device=w.device) // G
     if perm is not None:
         invperm = torch.argsort(perm)                               # solve position of each column
         codes = codes[:, invperm]
-        if static is None:
+        if cfg.order is Order.ACT and static is None:
             g_idx = invperm // G
     return QuantizedWeight(codes, scale, zero, g_idx.to(torch.int32), perm, cfg.bits, loss, damp)

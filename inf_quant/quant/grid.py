@@ -51,6 +51,28 @@ def _check_bits(bits: int) -> None:
         raise ConfigError(f"bits must be in 1..8 (codes are stored as uint8), got {bits}")
 
 
+def _range(w: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
+    """The grid's [xmin, xmax] per row of w: [N, G] -> two [N]; always contains 0, never empty."""
+    xmin = w.amin(dim=-1).clamp(max=0)
+    xmax = w.amax(dim=-1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+
+
+def _params_of_range(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    maxq = 2**bits - 1
+    # tiny: a subnormal range divided by maxq must not round to a zero scale
+    scale = ((xmax - xmin) / maxq).clamp(min=torch.finfo(xmin.dtype).tiny)
+    if sym:
+        zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq).to(torch.int32)
+    return scale, zero
+
+
 def qparams(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     """Scale and integer zero point of each row (or group) of w, from its min and max.
 
@@ -62,21 +84,39 @@ def qparams(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     An all-zero row gets the range [-1, 1] (as in the GPTQ reference), so scale is never 0.
     """
     _check_bits(bits)
-    maxq = 2**bits - 1
-    xmin = w.amin(dim=-1).clamp(max=0)
-    xmax = w.amax(dim=-1).clamp(min=0)
-    if sym:
-        xmax = torch.maximum(-xmin, xmax)
-        xmin = -xmax
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -1.0, xmin)
-    xmax = torch.where(empty, 1.0, xmax)
-    # tiny: a subnormal range divided by maxq must not round to a zero scale
-    scale = ((xmax - xmin) / maxq).clamp(min=torch.finfo(w.dtype).tiny)
-    if sym:
-        zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq).to(torch.int32)
+    return _params_of_range(*_range(w, sym), bits, sym)
+
+
+def search_qparams(w: Tensor, bits: int, sym: bool, steps: int, max_shrink: float, norm: float = 2.4,
+                   col_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row (per-group) range shrink with the least quantization error: the GPTQ reference's
+    `Quantizer.find_params(mse=True)` search, on a grid of `steps` shrinks instead of a fixed 100.
+
+    w:          [N, G] float  (any leading dims; the search is per row of the last dim); not modified
+    col_weight: [G] float or None  per-column weight of the error (e.g. diag H); None = 1
+    Candidates p in {1, 1 - max_shrink/steps, ..., 1 - max_shrink}: the range [p xmin, p xmax] (sym: p amax)
+    with zero points as in `qparams`; each row keeps the p minimising sum_j col_weight_j |w_j - q_j|^norm.
+    p = 1 is always a candidate and wins ties, so steps = 0 (or max_shrink = 0) is exactly `qparams`.
+    Cost: (steps + 1) quantize/dequantize passes over w; extra memory 2 x w.
+    """
+    _check_bits(bits)
+    xmin, xmax = _range(w, sym)
+    scale, zero = _params_of_range(xmin, xmax, bits, sym)
+    if steps == 0 or max_shrink == 0:
+        return scale, zero
+    best = None
+    for i in range(steps + 1):
+        p = 1 - max_shrink * i / steps
+        s, z = _params_of_range(p * xmin, p * xmax, bits, sym)
+        e = (dequantize(quantize(w, s.unsqueeze(-1), z.unsqueeze(-1), bits), s.unsqueeze(-1), z.unsqueeze(-1))
+             - w).abs_().pow_(norm)
+        err = (e if col_weight is None else e * col_weight).sum(dim=-1)
+        if best is None:
+            best = err
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
     return scale, zero
 
 
