@@ -1,4 +1,4 @@
-"""INF's fast tokenizer: a `tokenizers` tokenizer.json with exactly INFLMTokenizer's ids, converted from tokenizer.model.
+"""INF's fast tokenizer: a `tokenizers` tokenizer.json with INFLMTokenizer's ids, converted from tokenizer.model.
 
 INFLMTokenizer (models/tokenization_inflm.py) runs: added tokens split out verbatim -> the GPT-4 (cl100k) regex
 split (tokenizers' `Split`, "isolated") -> SentencePiece BPE on each piece on its own -> no BOS/EOS. The fast
