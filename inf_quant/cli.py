@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   inf-quant gptq --bits 4 --order act --damp 0.02 --samples 256 --seqlen 2048 --json
   inf-quant awq --model /models/INF-34B-Chat --out /releases/inf34b-awq-w4g128
   inf-quant gptq --bits 4 --out out/x --resume       # continue an interrupted run (same bytes as uninterrupted)
+  inf-quant gptq --bits 4 --serve-as stablelm        # loads in vLLM/SGLang/transformers without remote code
+  inf-quant export --as stablelm out/inf-tiny-gptq-w4g128 out/inf-tiny-gptq-w4g128-stablelm
 """
 
 log = logging.getLogger("inf_quant")
@@ -44,8 +46,15 @@ def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+    _serve_as_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="accept torch pickle (.bin/.pt) weights")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _serve_as_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--serve-as", choices=["inflm", "stablelm"],
+                   help="output layout of an INF model: inflm (default; remote code, as INF ships it) or stablelm "
+                        "(transformers/vLLM/SGLang load it natively, fast tokenizer)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--check", metavar="RELEASE_DIR", help="re-hash a release against its manifest.json")
     r.add_argument("--json", action="store_true", help="print the manifest (or the --check result) as JSON")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _serve_as_arg(r)
+    x = sub.add_parser("export", help="rewrite an inflm checkpoint (bf16, GPTQ or AWQ) in the stablelm layout",
+                       description="Same tensors (hard links), config.json as model_type stablelm in INF's settings, "
+                                   "no remote code, fast tokenizer. Exit 0 on success, 2 on bad input.")
+    x.add_argument("--as", dest="layout", required=True, choices=["stablelm"], help="target layout")
+    x.add_argument("src", help="the inflm checkpoint directory")
+    x.add_argument("out", help="the new directory")
+    x.add_argument("--force", action="store_true", help="replace an existing output directory")
+    x.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return parser
 
 
@@ -116,7 +134,7 @@ def _given(**kw) -> dict:
 
 
 def recipe_from_args(args: argparse.Namespace):
-    from .config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Method, ModelConfig, Order,
+    from .config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
                          OutputConfig, Recipe, RunConfig)
 
     method = Method(args.command)
@@ -133,7 +151,9 @@ def recipe_from_args(args: argparse.Namespace):
         awq=AWQConfig(**q) if method is Method.AWQ else AWQConfig(),
         run=RunConfig(**_given(device=Device(args.device) if args.device else None,
                              dtype=DType(args.dtype) if args.dtype else None, forward_batch=args.forward_batch)),
-        output=OutputConfig(**_given(dir=args.out, shard_gb=args.shard_gb), force=args.force, resume=args.resume),
+        output=OutputConfig(**_given(dir=args.out, shard_gb=args.shard_gb,
+                                     serve_as=Layout(args.serve_as) if args.serve_as else None),
+                            force=args.force, resume=args.resume),
     )
 
 
@@ -201,6 +221,7 @@ def _fit(args) -> int:
 
 
 def _release(args) -> int:
+    from .config import Layout
     from .errors import ConfigError
     from .release import check, release
 
@@ -213,13 +234,22 @@ def _release(args) -> int:
         raise ConfigError("release needs --recipes DIR and --out DIR (or --check RELEASE_DIR)")
     with contextlib.redirect_stdout(sys.stderr):
         report = release(args.recipes, args.out, args.model, tuple(args.only), args.resume, args.force,
-                         progress=_Progress(args.quiet or args.json))
+                         progress=_Progress(args.quiet or args.json),
+                         serve_as=Layout(args.serve_as) if args.serve_as else None)
     print(json.dumps(report.manifest, sort_keys=True) if args.json else report.to_text())
     return 0 if report.ok else 1
 
 
+def _export(args) -> int:
+    from .export import export_stablelm
+
+    report = export_stablelm(args.src, args.out, args.force)
+    print(json.dumps(report.summary(), sort_keys=True) if args.json else report.to_text())
+    return 0
+
+
 COMMANDS = {"gptq": _quantize, "awq": _quantize, "verify": _verify, "fit": _fit,
-            "release": _release}
+            "release": _release, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

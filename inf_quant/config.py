@@ -88,6 +88,13 @@ class Method(Enum):
     AWQ = "awq"
 
 
+class Layout(Enum):
+    """How an INF-architecture output is laid out for loaders (see export.py)."""
+
+    INFLM = "inflm"        # model_type inflm + the shipped modeling files (trust_remote_code), as INF ships it
+    STABLELM = "stablelm"  # model_type stablelm in INF's settings: transformers, vLLM, SGLang load it natively
+
+
 class Device(Enum):
     AUTO = "auto"  # cuda if available, else cpu
     CPU = "cpu"
@@ -139,6 +146,7 @@ class OutputConfig:
     shard_gb: float = 5.0     # max bytes per safetensors shard, in 1e9 bytes
     force: bool = False       # replace an existing output directory
     resume: bool = False      # continue an interrupted run from its last finished layer
+    serve_as: Layout = Layout.INFLM  # layout of an INF-architecture output (llama inputs stay llama)
 
     def __post_init__(self):
         if self.shard_gb <= 0:
@@ -215,7 +223,7 @@ class Recipe:
     def fingerprint_dict(self) -> dict:
         """What determines the output bytes (everything but where it goes and how the run is resumed)."""
         d = to_dict(self)
-        d["output"] = {"shard_gb": self.output.shard_gb}
+        d["output"] = {"shard_gb": self.output.shard_gb, "serve_as": self.output.serve_as.value}
         del d["verify"]
         return d
 

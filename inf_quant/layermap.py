@@ -55,6 +55,8 @@ LLAMA_GROUPS = (
 LAYER_MAPS = {
     "llama": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.RMS, LLAMA_GROUPS),
     "inflm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS),
+    # INF-34B in transformers' StableLM layout (export.py): the same modules, names and LayerNorm (weight + bias)
+    "stablelm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS),
 }
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .config import Layout
 from .errors import CheckpointError
 from .layermap import LayerMap, layer_map_for
 
@@ -166,11 +167,15 @@ def hf_config(ckpt: Checkpoint, trust_remote_code: bool = False):
 
         return AutoConfig.from_pretrained(str(ckpt.path), trust_remote_code=True)
     from transformers.models.llama.configuration_llama import LlamaConfig
+    from transformers.models.stablelm.configuration_stablelm import StableLmConfig
 
+    from .export import check_layout
     from .models.configuration_inflm import INFLMConfig
 
-    classes = {"inflm": INFLMConfig, "llama": LlamaConfig}
+    classes = {"inflm": INFLMConfig, "llama": LlamaConfig, "stablelm": StableLmConfig}
     ckpt.layer_map  # noqa: B018 - raises a clear CheckpointError for unsupported model types
+    if ckpt.model_type == "stablelm":
+        check_layout(ckpt.config, Layout.STABLELM, str(ckpt.path))  # only INF's settings compute the inflm block
     cfg = {k: v for k, v in ckpt.config.items() if k not in ("auto_map", "quantization_config")}
     return classes[ckpt.model_type].from_dict(cfg)
 

@@ -23,8 +23,8 @@ from .errors import ConfigError
 from .load import safetensors_header
 from .memory import PeakMemory, gib
 from .paths import REPO_ROOT
-from .write import (INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, copy_modeling_files, copy_side_files, save_file, save_sharded_lazy,
-                    write_json)
+from .export import apply_layout
+from .write import copy_side_files, save_file, save_sharded_lazy, write_json
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -171,15 +171,7 @@ def write_configs(ctx, staging: Path) -> None:
     cfg = {k: v for k, v in ctx.ckpt.config.items() if k not in ("auto_map", "quantization_config")}
     cfg["quantization_config"] = quantization_config(ctx.recipe)
     copied = copy_side_files(ctx.model_dir, staging)
-    if ctx.ckpt.model_type == "inflm":
-        copy_modeling_files(staging)
-        cfg["auto_map"] = dict(INFLM_AUTO_MAP)
-        tcfg = staging / "tokenizer_config.json"
-        if tcfg.is_file():
-            t = json.loads(tcfg.read_text(encoding="utf-8"))
-            if t.get("tokenizer_class") == "INFLMTokenizer":
-                t["auto_map"] = dict(INFLM_TOKENIZER_AUTO_MAP)
-                write_json(tcfg, t)
+    cfg = apply_layout(cfg, staging, ctx.recipe.output.serve_as, str(ctx.model_dir))  # + tokenizer.json
     write_json(staging / "config.json", cfg)
     if ctx.recipe.method is Method.GPTQ:
         q = cfg["quantization_config"]
@@ -192,7 +184,7 @@ def write_configs(ctx, staging: Path) -> None:
     write_json(staging / "inf_quant.json", {"inf_quant_version": __version__, "git_commit": git_commit(),
                                             "recipe": public_recipe(ctx.recipe),
                                             "calibration_sha256": ctx.calib_sha256,
-                                            "copied_from_input": copied})
+                                            "copied_from_input": copied, "layout": cfg["model_type"]})
 
 
 def replace_dir(src: Path, dst: Path) -> None:

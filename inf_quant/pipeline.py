@@ -23,6 +23,7 @@ from . import output
 from .calibrate import calibration_files, document_ids, files_sha256, sample_windows
 from .config import Device, DType, Method, Recipe
 from .errors import CheckpointError, ConfigError
+from .export import check_layout
 from .layermap import LayerMap
 from .load import Checkpoint, hf_config, load_block, load_named, open_checkpoint, rotary, skeleton
 from .memory import PeakMemory
@@ -104,6 +105,7 @@ def prepare(recipe: Recipe) -> Context:
     lmap = ckpt.layer_map
     config = hf_config(ckpt, recipe.model.trust_remote_code)
     validate_shapes(ckpt, lmap, recipe)
+    check_layout(ckpt.config, recipe.output.serve_as, str(model_dir))
     device, dtype = resolve_device(recipe.run.device, recipe.run.dtype)
     max_pos = int(getattr(config, "max_position_embeddings", 2048))
     seqlen = recipe.calibration.seqlen or min(2048, max_pos)

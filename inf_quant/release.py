@@ -23,7 +23,7 @@ from pathlib import Path
 from . import __version__
 from .baseline import cache_root, checkpoint_sha256
 from .calibrate import file_sha256
-from .config import Recipe, load_recipe
+from .config import Layout, Recipe, load_recipe
 from .errors import ConfigError
 from .load import open_checkpoint
 from .output import git_commit, public_recipe, replace_dir
@@ -67,10 +67,11 @@ def load_recipes(recipes_dir: Path, only: tuple[str, ...] = ()) -> list[Recipe]:
     return [r for r in recipes if not only or r.name in only]
 
 
-def _with_model(recipe: Recipe, model: str | None) -> Recipe:
+def _with_model(recipe: Recipe, model: str | None, serve_as: Layout | None = None) -> Recipe:
     path = model or recipe.model.path
     resolve_model_path(path)  # raises "no model given" for recipes that leave it to --model
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=path))
+    output = dataclasses.replace(recipe.output, serve_as=serve_as) if serve_as else recipe.output
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=path), output=output)
 
 
 def files_table(d: Path) -> dict:
@@ -95,7 +96,9 @@ def _build(recipe: Recipe, staging: Path, resume: bool, progress) -> dict:
 
 def _variant_entry(recipe: Recipe, data: dict, vdir: Path) -> dict:
     analytic = data["vram"]["analytic"]
-    return {"recipe": public_recipe(recipe), "passed": data["passed"], "gates_failed": _failures(data),
+    layout = json.loads((vdir / "config.json").read_text())["model_type"]  # inflm, stablelm (or llama)
+    return {"recipe": public_recipe(recipe), "layout": layout, "passed": data["passed"],
+            "gates_failed": _failures(data),
             "metrics": data["metrics"],
             "vram": {k: analytic[k] for k in ("budget_bytes", "context", "weights_bytes", "total_bytes", "fits",
                                               "max_context", "verdict")},
@@ -104,9 +107,10 @@ def _variant_entry(recipe: Recipe, data: dict, vdir: Path) -> dict:
 
 
 def release(recipes_dir: str | Path, out: str | Path, model: str | None = None, only: tuple[str, ...] = (),
-            resume: bool = False, force: bool = False, progress=None) -> ReleaseReport:
+            resume: bool = False, force: bool = False, progress=None, serve_as: Layout | None = None) -> ReleaseReport:
+    """serve_as, when given, overrides every recipe's output.serve_as."""
     recipes_dir, out = Path(recipes_dir), Path(out)
-    recipes = [_with_model(r, model) for r in load_recipes(recipes_dir, only)]
+    recipes = [_with_model(r, model, serve_as) for r in load_recipes(recipes_dir, only)]
     existing = [r.name for r in recipes if (out / r.name).exists()]
     if existing and not (resume or force):
         raise ConfigError(f"{out}: variants {', '.join(existing)} already exist; pass --resume to continue a "

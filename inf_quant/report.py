@@ -19,6 +19,7 @@ GIB = 2**30
 DOMAINS = ("all", "en", "zh", "code", "math")   # report order; other domains follow, sorted
 PPL_PNG = "ppl_by_domain.png"
 VRAM_PNG = "vram.png"
+VERIFY_OUTPUTS = ("verify.json", "report.md", PPL_PNG, VRAM_PNG)  # what `verify` writes into a directory
 DPI = 100
 BAR_HEIGHT = 0.55
 FONT = "DejaVu Sans"                             # bundled with matplotlib, so the same glyphs everywhere

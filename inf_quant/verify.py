@@ -22,6 +22,7 @@ from .baseline import baseline_stats
 from .calibrate import file_sha256, read_records, resolve_text_file, token_stream
 from .config import Gates, VerifyConfig
 from .errors import CheckpointError, ConfigError
+from .export import architecture
 from .fit import fit_checkpoint
 from .load import open_checkpoint
 from .metrics import kl_topk, summarize, top1_agreement
@@ -30,7 +31,7 @@ from .tokenizer import load_tokenizer
 from .write import write_json
 
 log = logging.getLogger(__name__)
-ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads")
 
 
@@ -66,6 +67,11 @@ def check_pair(quant_cfg: dict, base_cfg: dict, qdir: Path, bdir: Path) -> None:
         raise CheckpointError(f"{qdir}: config.json has no quantization_config; this is not a quantized checkpoint")
     if "quantization_config" in base_cfg:
         raise CheckpointError(f"{bdir}: the baseline is itself quantized; pass the bf16 source checkpoint")
+    qa, ba = architecture(quant_cfg), architecture(base_cfg)  # inflm and its stablelm layout compute the same
+    if qa != ba:
+        raise CheckpointError(f"{qdir} and baseline {bdir} differ in architecture (model_type "
+                              f"{quant_cfg.get('model_type')} vs {base_cfg.get('model_type')}); "
+                              "verify a checkpoint against the model it was quantized from")
     for k in ARCH_KEYS:
         if quant_cfg.get(k) != base_cfg.get(k):
             raise CheckpointError(f"{qdir} and baseline {bdir} differ in {k} ({quant_cfg.get(k)} vs {base_cfg.get(k)}); "
@@ -226,14 +232,14 @@ def _measured(model, qdir: Path, qckpt, cfg: VerifyConfig, context: int, device:
 
 def _quant_summary(config: dict) -> dict:
     q = config["quantization_config"]
-    return {"quant_method": q.get("quant_method"), "bits": q.get("bits"), "group_size": q.get("group_size")}
+    return {"quant_method": q.get("quant_method"), "bits": q.get("bits"), "group_size": q.get("group_size"),
+            "layout": config.get("model_type")}
 
 
 def _files_sha(path: Path) -> dict:
-    from .report import PPL_PNG, VRAM_PNG
+    from .report import VERIFY_OUTPUTS
 
-    skip = {"verify.json", "report.md", PPL_PNG, VRAM_PNG}  # verify's own outputs
-    return {p.name: file_sha256(p) for p in sorted(path.iterdir()) if p.is_file() and p.name not in skip}
+    return {p.name: file_sha256(p) for p in sorted(path.iterdir()) if p.is_file() and p.name not in VERIFY_OUTPUTS}
 
 
 def _kernel(model) -> str:

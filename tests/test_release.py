@@ -79,6 +79,7 @@ def test_release_publishes_checks_and_is_deterministic(tmp_path, recipes, capsys
     v = manifest["variants"]["tiny-gptq"]
     assert {"model.safetensors", "config.json", "verify.json", "report.md"} <= set(v["files"])
     assert v["recipe"]["gptq"]["bits"] == 4 and v["passed"] and v["calibration_sha256"] == file_sha256(CALIBRATION)
+    assert v["layout"] == "inflm" and v["recipe"]["output"]["serve_as"] == "inflm"  # the default, as INF ships it
     assert manifest["input_models_sha256"] and manifest["versions"]["torch"]
     assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
     assert _tree(a) == _tree(b)
@@ -152,3 +153,26 @@ def test_kill_9_during_a_release_then_resume_gives_the_same_bytes(tmp_path, reci
     report = release(recipes, out, resume=True)
     assert report.ok and _tree(out / "tiny-awq") == published
     assert _tree(out) == _tree(ref)
+
+
+def test_recipes_choose_the_layout_and_the_manifest_records_it(tmp_path, recipes, capsys):
+    """`output: {serve_as: stablelm}` in a recipe, and `release --serve-as` over every recipe (~30 s: one variant)."""
+    d = tmp_path / "recipes"
+    d.mkdir()
+    (d / "tiny-gptq.yaml").write_text((recipes / "tiny-gptq.yaml").read_text() + "output: {serve_as: stablelm}\n")
+    from inf_quant.config import Layout
+
+    assert load_recipe(d / "tiny-gptq.yaml").output.serve_as is Layout.STABLELM
+    (d / "bad.yaml").write_text("output: {serve_as: vllm}\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(d / "bad.yaml")
+    assert "bad.yaml.output.serve_as: 'vllm' is not one of 'inflm', 'stablelm'" in str(e.value)
+    (d / "bad.yaml").unlink()
+    out = tmp_path / "rel"
+    assert cli("release", "--recipes", recipes, "--out", out, "--only", "tiny-gptq", "--serve-as", "stablelm", "-q",
+               capsys=capsys)[0] == 0
+    v = json.loads((out / "manifest.json").read_text())["variants"]["tiny-gptq"]
+    assert v["layout"] == "stablelm" and v["recipe"]["output"]["serve_as"] == "stablelm"
+    assert "modeling_inflm.py" not in v["files"] and "tokenizer.json" in v["files"]
+    assert json.loads((out / "tiny-gptq" / "config.json").read_text())["model_type"] == "stablelm"
+    assert cli("release", "--check", out, capsys=capsys)[0] == 0

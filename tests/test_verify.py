@@ -84,7 +84,7 @@ def test_bad_input_exits_2_with_one_line(tiny_pair, tmp_path, capsys, case):
         "missing": (tmp_path / "nope", base, "not a directory"),
         "not-quantized": (base, base, "not a quantized checkpoint"),
         "baseline-quantized": (out, out, "the baseline is itself quantized"),
-        "other-architecture": (out, build_tiny_checkpoint(tmp_path / "llama", "llama"), "differ in model_type"),
+        "other-architecture": (out, build_tiny_checkpoint(tmp_path / "llama", "llama"), "differ in architecture (model_type inflm vs llama)"),
     }[case]
     code, _, err = cli("verify", quant, "--baseline", baseline, capsys=capsys)
     lines = [x for x in err.splitlines() if x.startswith("inf-quant")]
