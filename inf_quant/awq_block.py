@@ -1,65 +1,130 @@
-"""AWQ for one decoder layer (Lin et al. 2023), on the shared block loop of pipeline.py.
+"""AWQ for one decoder layer (Lin et al. 2023, in AutoAWQ's order of operations), on the block loop of pipeline.py.
 
-Per layer: one forward of the bf16 layer captures every group's input; then, group by group in layer-map order,
-the activation-aware scale is searched and folded into the group's `input_from` (a norm: weight AND bias for
-LayerNorm; a linear: its output rows, only where shapes allow); then each linear's clip is searched on its
-scaled input and the weight is quantized on AWQ's asymmetric grid. The block ends with the dequantized weights
-and folded norms, so the next layer is calibrated on this layer's quantized outputs (as with GPTQ).
+Per layer, in this order:
+
+1. Capture, once. One forward of the layer as it arrives (its own weights unquantized; layers 0..i-1 already
+   quantized) on n = min(S, max(1, awq.search_tokens // T)) calibration samples, evenly spaced, records every
+   group's input as whole sequences [n, T, K] fp32, and the keyword arguments its `inspect` module is called
+   with (rope cos/sin, attention_mask=None, i.e. causal). Nothing is re-captured later: a fold keeps the fp
+   function, and a folded group's own captured input is divided by its scale instead.
+2. Scales, group by group in layer-map order, all before any weight is quantized (as AutoAWQ: the groups are
+   NOT quantized true-sequentially; a later group's search sees the earlier groups scaled, in full precision).
+   A group with `inspect` (q/k/v -> self_attn incl. o_proj; gate/up -> mlp incl. down_proj) scores each
+   candidate s by the MSE of that module's output, run on the n whole sequences, against its output with the
+   current weights; the other groups score the linears' own outputs. The best s is folded into `input_from`
+   (a norm: weight AND bias for LayerNorm; a linear: its output rows, only where shapes allow).
+3. Clip and quantize, linear by linear: the clip threshold is searched on the group's scaled input (skipped for
+   the group's `no_clip` linears, q/k), applied, the weight quantized on AWQ's asymmetric grid, and the block's
+   weight replaced by its dequantized value.
+
+The block ends with the dequantized weights and folded norms; pipeline.forward_all then runs it on all S samples,
+so layer i+1 is calibrated on this quantized layer's outputs. Extra memory per layer: the captured inputs,
+n T sum_groups(K) fp32 (2.9 GiB for INF-34B at search_tokens=16384: 16384 x (3 x 8192 + 22016) x 4 B), one
+inspect module's reference output [n, T, D] fp32 (512 MiB) and its activations for forward_batch samples.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .config import Method
 from .qformat import from_tensors, to_tensors
-from .quant.awq import (apply_clip, awq_quantize, can_fold_into_linear, fold_scale_into_linear_outputs,
-                        fold_scale_into_norm, scale_linear_inputs, search_clip, search_scale)
+from .quant.awq import (apply_clip, awq_quantize, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
+                        scale_linear_inputs, search_clip, search_scale)
 
 log = logging.getLogger(__name__)
 
 
-def capture_group_inputs(block: nn.Module, groups, hidden: torch.Tensor, rope: tuple, batch: int,
-                         max_rows: int) -> list[torch.Tensor]:
-    """Each group's input rows from one pass of the unquantized layer: list of [M, K] fp32, M <= max_rows.
+def search_samples(s: int, t: int, search_tokens: int) -> torch.Tensor:
+    """Indices of the n = min(S, max(1, search_tokens // T)) whole samples the scale search uses, evenly spaced."""
+    n = min(s, max(1, search_tokens // t))
+    return torch.arange(n) * s // n
 
-    Rows are taken with a fixed stride over all calibration tokens (deterministic, no RNG).
-    """
+
+def capture_group_inputs(block: nn.Module, groups, hidden: torch.Tensor, rope: tuple,
+                         batch: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """One pass of the layer on hidden: [n, T, D]. Returns each group's input [n, T, K] fp32 and the keyword
+    arguments its `inspect` module was called with ({} for groups without one)."""
     from .pipeline import run_block
 
-    total = hidden.shape[0] * hidden.shape[1]
-    stride = max(1, -(-total // max_rows))
     store: list[list[torch.Tensor]] = [[] for _ in groups]
+    kwargs: list[dict] = [{} for _ in groups]
     handles = []
     for gi, group in enumerate(groups):
         def hook(_mod, args, gi=gi):
-            store[gi].append(args[0].reshape(-1, args[0].shape[-1])[::stride].float())
+            store[gi].append(args[0].float())
         handles.append(block.get_submodule(group.names[0]).register_forward_pre_hook(hook))
+        if group.inspect:
+            def kw_hook(_mod, _args, kw, gi=gi):
+                kwargs[gi] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            handles.append(block.get_submodule(group.inspect).register_forward_pre_hook(kw_hook, with_kwargs=True))
     try:
         for s in range(0, len(hidden), batch):
             run_block(block, hidden[s: s + batch], rope)
     finally:
         for h in handles:
             h.remove()
-    return [torch.cat(rows) for rows in store]
+    return [torch.cat(chunks) for chunks in store], kwargs
 
 
-def _fold(block: nn.Module, group, prefix: str, x: torch.Tensor, cfg, notes: list[str]) -> torch.Tensor:
-    """Search and fold the group's scale; returns the group's input as the scaled weights now see it."""
+def _call(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """module(x, **kwargs) in the module's dtype, as fp32; the first element if it returns a tuple (attention)."""
+    out = module(x.to(next(module.parameters()).dtype), **kwargs)
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
+def module_output_loss(module: nn.Module, linears: list[nn.Linear], x: torch.Tensor, kwargs: dict, batch: int):
+    """The loss AutoAWQ scores a scale with: MSE of `module`'s output when `linears` hold the candidate weights.
+
+    module: e.g. self_attn (q/k/v -> attention -> o_proj) or mlp; x: [n, T, D] fp32, its input; not modified.
+    The reference output (current weights) is computed once, [n, T, D_out] fp32. The returned callable sets each
+    linear's weight to its candidate ([N_i, K] fp32, cast to the module's dtype), runs the module on x in chunks of
+    `batch` samples, and restores the weights (also on error): mean over n T D_out of (out - reference)^2.
+    """
+    chunks = [x[s: s + batch] for s in range(0, len(x), batch)]
+    ref = [_call(module, xc, kwargs) for xc in chunks]   # [b, T, D_out] fp32 each
+    numel = sum(r.numel() for r in ref)
+
+    def loss(candidates: list[torch.Tensor]) -> float:
+        originals = [m.weight.data for m in linears]
+        try:
+            for m, q in zip(linears, candidates):
+                m.weight.data = q.to(m.weight)
+            err = sum(float((_call(module, xc, kwargs) - r).pow(2).sum()) for xc, r in zip(chunks, ref))
+        finally:
+            for m, w in zip(linears, originals):
+                m.weight.data = w
+        return err / numel
+
+    return loss
+
+
+def _fold(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, cfg, batch: int, head_dim: int,
+          notes: list[str]):
+    """Search and fold the group's scale. Returns (the group's input as the scaled weights now see it, ScaleResult
+    or None if no scale could be folded)."""
     mods = [block.get_submodule(n) for n in group.names]
     prev = block.get_submodule(group.input_from)
-    if isinstance(prev, nn.Linear) and not can_fold_into_linear(prev.out_features, mods[0].in_features):
-        notes.append(f"{prefix}{group.input_from} -> {', '.join(group.names)}: scale not folded "
-                     f"(out_features {prev.out_features} != in_features {mods[0].in_features}, GQA)")
-        return x
-    res = search_scale(x, [m.weight.float() for m in mods], cfg)
+    tie = None
+    if isinstance(prev, nn.Linear):
+        tie = fold_index(prev.out_features, mods[0].in_features, head_dim)
+        if tie is None:
+            notes.append(f"{prefix}{group.input_from} -> {', '.join(group.names)}: scale not folded "
+                         f"(out_features {prev.out_features} do not map onto in_features {mods[0].in_features})")
+            return x, None
+        tie = tie.to(x.device)
+    loss = module_output_loss(block.get_submodule(group.inspect), mods, x, kwargs, batch) if group.inspect else None
+    res = search_scale(x, [m.weight.float() for m in mods], cfg, loss, tie)
     s = res.scales.to(x.device)
     with torch.no_grad():
-        if isinstance(prev, nn.Linear):
-            prev.weight.data = fold_scale_into_linear_outputs(prev.weight.data, s.to(prev.weight.device))
+        if isinstance(prev, nn.Linear):  # every column sharing a tie has the same scale: scatter picks it
+            s_prev = torch.ones(prev.out_features, device=x.device).scatter_(0, tie, s)
+            prev.weight.data = fold_scale_into_linear_outputs(prev.weight.data, s_prev.to(prev.weight.device))
         else:
             w, b = fold_scale_into_norm(prev.weight.data, getattr(prev, "bias", None), s.to(prev.weight.device))
             prev.weight.data = w
@@ -67,20 +132,36 @@ def _fold(block: nn.Module, group, prefix: str, x: torch.Tensor, cfg, notes: lis
                 prev.bias.data = b
         for m in mods:
             m.weight.data = scale_linear_inputs(m.weight.data, s.to(m.weight.device))
-    return x / s
+    return x / s, res
+
+
+def group_label(group) -> str:
+    """'q_proj+k_proj+v_proj': the group's linears without their module path."""
+    return "+".join(n.rsplit(".", 1)[-1] for n in group.names)
 
 
 def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
-    """Quantize one layer with AWQ. Returns (checkpoint tensors, per-linear clip loss, notes)."""
-    cfg, prefix, groups = ctx.recipe.awq, ctx.lmap.block_prefix(i), ctx.lmap.groups
-    xs = capture_group_inputs(block, groups, hidden, rope, ctx.recipe.run.forward_batch, cfg.search_tokens)
+    """Quantize one layer with AWQ (see the module docstring for the order of operations).
+
+    Returns (checkpoint tensors, per-linear clip loss, notes, chosen scale per group: label -> (form, alpha), or
+    ("none", 0.0) where no scale could be folded).
+    """
+    cfg, prefix, groups, batch = ctx.recipe.awq, ctx.lmap.block_prefix(i), ctx.lmap.groups, ctx.recipe.run.forward_batch
+    head_dim = getattr(ctx.config, "head_dim", None) or ctx.config.hidden_size // ctx.config.num_attention_heads
+    idx = search_samples(hidden.shape[0], hidden.shape[1], cfg.search_tokens).to(hidden.device)
+    xs, kwargs = capture_group_inputs(block, groups, hidden[idx], rope, batch)   # [n, T, K] fp32 per group
     notes: list[str] = []
-    xs = [_fold(block, g, prefix, x, cfg, notes) for g, x in zip(groups, xs)]
+    scales = {}
+    for gi, group in enumerate(groups):
+        xs[gi], res = _fold(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, head_dim, notes)
+        scales[group_label(group)] = (res.form, res.alpha) if res else ("none", 0.0)
+    no_clip = replace(cfg, clip_max_shrink=0.0)  # only ratio 1: nothing clipped, the same loss reported
     tensors, losses = {}, {}
     for group, x in zip(groups, xs):
+        x = x.reshape(-1, x.shape[-1])
         for name in group.names:
             mod = block.get_submodule(name)
-            clip = search_clip(x, mod.weight.float(), cfg)
+            clip = search_clip(x, mod.weight.float(), no_clip if name in group.no_clip else cfg)
             q = awq_quantize(apply_clip(mod.weight.float(), clip), cfg)
             t = to_tensors(q, Method.AWQ, prefix + name)
             tensors.update({f"{prefix}{name}.{k}": v for k, v in t.items()})
@@ -94,4 +175,16 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
                 stored = p.detach().to(ctx.ckpt.info(full).dtype).cpu()  # the checkpoint's dtype (bf16)
                 tensors[full] = stored
                 p.data = stored.to(p)  # propagate with exactly what is written (a resumed run reads it back)
-    return tensors, losses, notes
+    return tensors, losses, notes, scales
+
+
+def scale_summary(per_layer: list[dict]) -> str:
+    """One line over all layers: per group, the median alpha, its range and how often each form won."""
+    parts = []
+    for label in dict.fromkeys(k for d in per_layer for k in d):
+        chosen = [d[label] for d in per_layer if label in d]
+        alphas = [a for f, a in chosen if f != "none"]
+        forms = {f: sum(c[0] == f for c in chosen) for f in dict.fromkeys(c[0] for c in chosen)}
+        span = f"alpha median {statistics.median(alphas):.2f} [{min(alphas):.2f}, {max(alphas):.2f}], " if alphas else ""
+        parts.append(f"{label}: {span}" + " ".join(f"{f} {n}" for f, n in forms.items()))
+    return "; ".join(parts)

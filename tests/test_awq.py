@@ -1,4 +1,5 @@
-"""AWQ: folding leaves the fp32 function unchanged; the searches never lose to the identity."""
+"""AWQ: folding leaves the fp32 function unchanged; the searches never lose to the identity; module-output scoring
+matches a hand-written causal attention / MLP; both scale forms are searched; q/k are not clipped."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inf_quant.config import AWQConfig
+from inf_quant import awq_block as block_mod
+from inf_quant.awq_block import capture_group_inputs, module_output_loss, scale_summary, search_samples
+from inf_quant.config import AWQConfig, ScaleForms
+from inf_quant.layermap import LAYER_MAPS
 from inf_quant.errors import ConfigError, NumericalError
 from inf_quant.quant import awq
 from inf_quant.quant.awq import (
     activation_stats, apply_clip, can_fold_into_linear, fold_scale_into_linear_outputs,
-    fold_scale_into_norm, scale_linear_inputs, search_clip, search_scale,
+    fold_index, fold_scale_into_norm, scale_candidates, scale_linear_inputs, search_clip, search_scale,
+    weight_stats,
 )
 from tolerances import GRID_HALF_STEP_SLACK, assert_close
 
@@ -28,6 +33,9 @@ LOSS_RTOL = 1e-4
 OUTLIER_MIN_GAIN = 0.9
 # At 4 bits clipping cuts per-group output error by a few % (about 4 % here); 1 % shows it acts.
 CLIP_MIN_GAIN = 0.99
+# SDPA vs the hand-written attention differ by fp32 rounding (~1e-6 of the output); the loss is the MSE of a
+# ~1e-2 relative quantization change, so it can move by ~1e-4 relative; 1e-3 still catches a wrong mask or rope.
+MODULE_LOSS_RTOL = 1e-3
 
 D, FFN = 48, 96
 CFG = AWQConfig(group_size=16)
@@ -117,6 +125,36 @@ def test_can_fold_into_linear_shape_rule():
     assert can_fold_into_linear(8192, 8192) is True
 
 
+def test_fold_index_maps_query_heads_to_their_kv_head():
+    assert torch.equal(fold_index(192, 192, 64), torch.arange(192))
+    tie = fold_index(4, 12, 2)  # 2 KV heads of width 2 serve 6 query heads: query heads 0-2 -> KV 0, 3-5 -> KV 1
+    assert tie.tolist() == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]
+    assert fold_index(1024, 8192, 128).shape == (8192,) and int(fold_index(1024, 8192, 128).max()) == 1023
+    assert fold_index(24, 64, 16) is None and fold_index(48, 64, 8) is None
+
+
+@torch.no_grad()
+def test_gqa_fold_v_into_o_keeps_attention_output():
+    """A tied scale divided out of v_proj's rows and multiplied into o_proj's columns leaves attention unchanged."""
+    block, rotary = _tiny_layer()
+    attn = block.self_attn
+    x = torch.randn(2, 10, 64, generator=_gen(50))
+    cos, sin = rotary(x[:1], torch.arange(10)[None])
+    w = [m.weight.detach().clone() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+    tie = fold_index(16, 64, 8)
+    s_v = _positive_scales(16, 51)
+    v_folded, o_scaled = fold_scale_into_linear_outputs(w[2], s_v), scale_linear_inputs(w[3], s_v[tie])
+    _assert_fold_close(_attention_ref(x, w[0], w[1], v_folded, o_scaled, cos, sin), _attention_ref(x, *w, cos, sin))
+
+
+def test_tied_scale_search_shares_one_scale_per_tie():
+    tie = fold_index(16, D, 8)  # D=48: 6 query heads of width 8 on 2 KV heads
+    x, w = _outlier_x(128, D, 52), [torch.randn(D, D, generator=_gen(53)) / D**0.5]
+    result = search_scale(x, w, CFG, tie=tie)
+    s_free = torch.ones(16).scatter_(0, tie, result.scales)
+    assert torch.equal(result.scales, s_free[tie]) and result.loss <= result.loss_unscaled
+
+
 # --- fake quant and statistics --------------------------------------------------------------------
 
 @pytest.mark.parametrize("zero_point", [True, False])
@@ -158,6 +196,49 @@ def test_scale_search_beats_unscaled_on_outliers():
     naive, naive_unscaled = (_naive_scale_loss(x, weights, s, CFG) for s in (result.scales, torch.ones(D)))
     assert result.loss == pytest.approx(naive, rel=LOSS_RTOL)
     assert result.loss_unscaled == pytest.approx(naive_unscaled, rel=LOSS_RTOL)
+
+
+def test_scale_search_tries_both_forms_and_keeps_the_best():
+    x, weights = _outlier_x(256, D, 10), _qkv(11)
+    both = search_scale(x, weights, CFG)
+    forms = [f for f, _, _ in both.tried]
+    assert forms == ["plain"] * CFG.grid_points + ["duo"] * CFG.grid_points
+    assert both.tried[0][:2] == ("plain", 0.0) and both.tried[0][2] == both.loss_unscaled
+    assert (both.form, both.alpha, both.loss) == min(both.tried, key=lambda t: t[2])
+    plain, duo = (search_scale(x, weights, AWQConfig(group_size=16, scale_forms=f))
+                  for f in (ScaleForms.PLAIN, ScaleForms.DUO))
+    assert {f for f, _, _ in plain.tried} == {"plain"} and len(plain.tried) == CFG.grid_points
+    assert [f for f, _, _ in duo.tried] == ["plain"] + ["duo"] * CFG.grid_points  # the identity is always tried
+    assert both.loss == min(plain.loss, duo.loss) and duo.loss <= duo.loss_unscaled
+
+
+def test_duo_candidates_follow_autoawq():
+    """s = x_mean^a / (w_mean^(1-a) + 1e-4), w_mean from |w| over each group's max, normalised by sqrt(max min)."""
+    x, weights = _outlier_x(64, D, 30), _qkv(31)
+    act_mean = activation_stats(x)
+    w = torch.cat(weights).abs()
+    w_mean = (w.reshape(-1, 16) / (w.reshape(-1, 16).amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+    assert_close(weight_stats(weights, 16), w_mean, atol=0.0, rtol=LOSS_RTOL, what="w_mean")
+    cands = {(f, a): s for f, a, s in scale_candidates(act_mean, w_mean, CFG)}
+    s = (act_mean.pow(0.35) / (w_mean.pow(0.65) + 1e-4)).clamp(min=1e-4)
+    assert_close(cands[("duo", 0.35)], s / (s.max() * s.min()).sqrt(), atol=0.0, rtol=LOSS_RTOL, what="duo")
+    assert torch.equal(cands[("plain", 0.0)], torch.ones(D))
+
+
+def test_scale_search_with_a_custom_loss_scores_the_candidates():
+    """The loss callable sees exactly Q(W s)/s for every candidate, in candidate order."""
+    x, weights = _outlier_x(64, D, 32), _qkv(33)
+    seen = []
+
+    def loss(cands):
+        seen.append([c.clone() for c in cands])
+        return float(len(seen) == 7)  # every candidate but the 7th ties at 0: the first (identity) wins ties
+
+    result = search_scale(x, weights, CFG, loss)
+    assert len(seen) == 2 * CFG.grid_points and result.alpha == 0.0 and result.form == "plain"
+    _, _, s = scale_candidates(activation_stats(x), weight_stats(weights, 16), CFG)[5]
+    for c, w in zip(seen[5], weights):
+        assert torch.equal(c, awq._fake_quant(w * s, 4, 16, True) / s)
 
 
 def test_scale_search_never_loses_without_outliers():
@@ -247,3 +328,135 @@ def test_mismatched_shapes_raise():
         search_scale(torch.randn(8, D), [torch.randn(4, D + 16)], CFG)
     with pytest.raises(ValueError, match="does not read x"):
         search_clip(torch.randn(8, D), torch.randn(4, D + 16), CFG)
+
+
+# --- module-output scoring (AutoAWQ's module2inspect) on a tiny decoder layer ----------------------
+
+def _tiny_layer(model_type: str = "llama"):
+    """Layer 0 of the seeded tiny model (D=64, 8 query / 2 KV heads, FFN 192) and its rotary embedding."""
+    from tiny import tiny_model
+
+    model = tiny_model(model_type)
+    return model.model.layers[0], model.model.rotary_emb
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _attention_ref(x, wq, wk, wv, wo, cos, sin, n_heads=8, n_kv=2):
+    """Causal GQA attention with rope, written out: x [B, T, D] fp32; cos, sin [1, T, head_dim]."""
+    b, t, _ = x.shape
+    hd = wq.shape[0] // n_heads
+    q, k, v = ((x @ w.T).view(b, t, -1, hd).transpose(1, 2) for w in (wq, wk, wv))  # [B, heads, T, hd]
+    q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+    k, v = (z.repeat_interleave(n_heads // n_kv, dim=1) for z in (k, v))
+    scores = (q @ k.transpose(-1, -2)) / hd**0.5
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1) @ wo.T
+
+
+def _mlp_ref(x, wg, wu, wd):
+    return (F.silu(x @ wg.T) * (x @ wu.T)) @ wd.T
+
+
+def _captured(seed: int, model_type: str = "llama"):
+    block, rotary = _tiny_layer(model_type)
+    hidden = torch.randn(3, 12, 64, generator=_gen(seed))
+    rope = rotary(hidden[:1], torch.arange(12)[None])
+    xs, kwargs = capture_group_inputs(block, LAYER_MAPS["llama"].groups, hidden, rope, batch=2)
+    return block, hidden, rope, xs, kwargs
+
+
+@torch.no_grad()
+def test_capture_keeps_whole_sequences_and_the_attention_call():
+    block, hidden, _, xs, kwargs = _captured(40)
+    assert [tuple(x.shape) for x in xs] == [(3, 12, 64)] * 3 + [(3, 12, 192)]
+    assert_close(xs[0], block.input_layernorm(hidden), atol=0.0, rtol=0.0, what="q/k/v input")
+    assert kwargs[0]["attention_mask"] is None and len(kwargs[0]["position_embeddings"]) == 2
+    assert kwargs[1] == {} and kwargs[3] == {}  # groups without `inspect` keep nothing
+    assert search_samples(128, 2048, 16384).tolist() == [0, 16, 32, 48, 64, 80, 96, 112]
+    assert search_samples(16, 512, 16384).tolist() == list(range(16))
+    assert search_samples(4, 4096, 16).tolist() == [0]  # at least one whole sample
+
+
+@torch.no_grad()
+def test_module_output_loss_matches_hand_written_attention_and_mlp():
+    block, _, (cos, sin), xs, kwargs = _captured(41)
+    attn, mlp, s64, s_ffn = block.self_attn, block.mlp, _positive_scales(64, 42), _positive_scales(64, 43)
+    cases = [(attn, [attn.q_proj, attn.k_proj, attn.v_proj], xs[0], kwargs[0], s64,
+              lambda w: _attention_ref(xs[0], *w, attn.o_proj.weight, cos, sin)),
+             (mlp, [mlp.gate_proj, mlp.up_proj], xs[2], kwargs[2], s_ffn,
+              lambda w: _mlp_ref(xs[2], *w, mlp.down_proj.weight))]
+    for module, linears, x, kw, s, ref_fn in cases:
+        orig = [m.weight.detach().clone() for m in linears]
+        cands = [awq._fake_quant(w * s, 4, 16, True) / s for w in orig]
+        loss = module_output_loss(module, linears, x, kw, batch=2)
+        expected = float((ref_fn(cands) - ref_fn(orig)).pow(2).mean())
+        assert expected > 0
+        assert loss(cands) == pytest.approx(expected, rel=MODULE_LOSS_RTOL)
+        assert loss(orig) == 0.0
+        assert all(torch.equal(m.weight, w) for m, w in zip(linears, orig)), "weights not restored"
+
+
+@torch.no_grad()
+def test_module_scored_search_never_loses_and_reports_its_loss():
+    block, _, (cos, sin), xs, kwargs = _captured(44)
+    attn = block.self_attn
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj]
+    orig = [m.weight.detach().clone() for m in linears]
+    result = search_scale(xs[0], orig, CFG, module_output_loss(attn, linears, xs[0], kwargs[0], batch=2))
+    assert len(result.tried) == 2 * CFG.grid_points and result.loss <= result.loss_unscaled
+    cands = [awq._fake_quant(w * result.scales, 4, 16, True) / result.scales for w in orig]
+    expected = float((_attention_ref(xs[0], *cands, attn.o_proj.weight, cos, sin)
+                      - _attention_ref(xs[0], *orig, attn.o_proj.weight, cos, sin)).pow(2).mean())
+    assert result.loss == pytest.approx(expected, rel=MODULE_LOSS_RTOL)
+
+
+@torch.no_grad()
+def test_awq_block_skips_q_k_clip_and_reports_scales(monkeypatch):
+    from types import SimpleNamespace
+
+    block, rotary = _tiny_layer()
+    hidden = torch.randn(3, 12, 64, generator=_gen(45))
+    rope = rotary(hidden[:1], torch.arange(12)[None])
+    shrink = {}
+    real_clip = block_mod.search_clip
+
+    def spy(x, w, cfg):
+        shrink[len(shrink)] = cfg.clip_max_shrink
+        return real_clip(x, w, cfg)
+
+    monkeypatch.setattr(block_mod, "search_clip", spy)
+    ctx = SimpleNamespace(recipe=SimpleNamespace(awq=CFG, run=SimpleNamespace(forward_batch=2)),
+                          lmap=LAYER_MAPS["llama"], config=block.self_attn.config,
+                          ckpt=SimpleNamespace(info=lambda _: SimpleNamespace(dtype=torch.float32)))
+    tensors, losses, notes, scales = block_mod.awq_block(ctx, block, 0, hidden, rope)
+    names = LAYER_MAPS["llama"].linears
+    assert {n: shrink[i] for i, n in enumerate(names)} == {
+        n: 0.0 if n in ("self_attn.q_proj", "self_attn.k_proj") else CFG.clip_max_shrink for n in names}
+    assert set(losses) == set(names) and all(v >= 0 for v in losses.values())
+    assert list(scales) == ["q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"]
+    assert notes == []  # GQA v -> o folds with a tied scale
+    assert all(f in ("plain", "duo") and 0 <= a < 1 for f, a in scales.values())
+
+
+def test_scale_summary_aggregates_over_layers():
+    per_layer = [{"q+k+v": ("duo", 0.4), "o": ("none", 0.0)}, {"q+k+v": ("plain", 0.2), "o": ("none", 0.0)},
+                 {"q+k+v": ("duo", 0.6), "o": ("none", 0.0)}]
+    assert scale_summary(per_layer) == "q+k+v: alpha median 0.40 [0.20, 0.60], duo 2 plain 1; o: none 3"
+
+
+@pytest.mark.parametrize("model_type", ["inflm", "llama"])
+@torch.no_grad()
+def test_folding_every_group_keeps_the_layer_output(model_type):
+    """All four searched scales folded (LayerNorm + bias / RMSNorm, GQA v -> o, up -> down), nothing quantized."""
+    from inf_quant.pipeline import run_block
+
+    block, hidden, rope, xs, kwargs = _captured(54, model_type)
+    expected = run_block(block, hidden, rope)
+    for group, x, kw in zip(LAYER_MAPS["llama"].groups, xs, kwargs):
+        _, res = block_mod._fold(block, group, "", x, kw, CFG, 2, 8, notes := [])
+        assert res is not None and not notes and not torch.equal(res.scales, torch.ones_like(res.scales))
+    _assert_fold_close(run_block(block, hidden, rope), expected)

@@ -86,8 +86,9 @@ BUNDLED_PPL_RTOL = 0.005
 
 # Real-model gate (tests/test_real_model.py, SmolLM2-135M, 8 x 256 calibration tokens, 8 x 256 eval tokens): the
 # default 4-bit GPTQ's perplexity rise must be at most this fraction of round-to-nearest's on the same grid.
-# Measured: see bench/RESULTS.md ("CI real-model gate"); the old default (natural order) failed it.
-REAL_MODEL_MAX_RISE_VS_RTN = 0.75
+# Measured here: group-aware order 0.32 (+21.2 % vs RTN +66.2 %, before the range search became default);
+# natural order, the old default, 0.79 (bench/peers.py 8 x 256: +43.4 % vs +54.9 %), so it would fail.
+REAL_MODEL_MAX_RISE_VS_RTN = 0.5
 
 # Logits of the stablelm export vs the inflm layout of the same checkpoint, both run by transformers (bf16 weights in
 # fp32, or GPTQ/AWQ through gptqmodel's kernels in bf16): the same weights through the same kernels in the same

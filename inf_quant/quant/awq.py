@@ -1,33 +1,39 @@
 """AWQ: activation-aware scale search, clip search and scale folding (Lin et al. 2023).
 
 AWQ protects the weights that see large activations. For a group of Linears sharing one input x,
-it searches a per-input-channel scale s = act_mean ** alpha (paper Eq. 5), multiplies the Linears'
-input columns by s and divides the previous op's output by s, so the fp32 function is unchanged
-but quantization error moves away from salient channels. A second search shrinks each group's
-max |w| (AutoAWQ's clip search). Results are frozen dataclasses that can be saved and applied later.
+it searches a per-input-channel scale s, multiplies the Linears' input columns by s and divides
+the previous op's output by s, so the fp32 function is unchanged but quantization error moves away
+from salient channels. Two forms of s are searched over one exponent grid (AWQConfig.scale_forms):
+the paper's s = x_mean ** a (Eq. 5) and AutoAWQ's duo scaling s = x_mean ** a / w_mean ** (1 - a).
+Each candidate is scored by a loss over the candidate weights Q(W s)/s: by default the Linears' own
+output error, or any callable (the pipeline passes the output error of the whole module the group
+feeds, AutoAWQ's module2inspect). A second search shrinks each group's max |w| (AutoAWQ's clip
+search). Results are frozen dataclasses that can be saved and applied later.
 
-Loss conventions follow AutoAWQ (`auto_scale.py`, `auto_clip.py`); every search evaluates the
-identity candidate (alpha = 0, clip ratio = 1), so its result never loses to it on its own data.
-Every function works on the device of its inputs (pass them on one device), does its math in fp32,
-and never modifies its arguments.
+Loss conventions follow AutoAWQ (`quantizer.py`: `_search_best_scale`, `_compute_best_scale`,
+`_search_best_clip`); every search evaluates the identity candidate (plain a = 0, clip ratio = 1),
+so its result never loses to it on its own data. Every function works on the device of its inputs
+(pass them on one device), does its math in fp32, and never modifies its arguments.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..config import AWQConfig
+from ..config import AWQConfig, ScaleForms
 from ..errors import ConfigError, NumericalError
 from .grid import QuantizedWeight
 
 __all__ = [
-    "ScaleResult", "ClipResult", "activation_stats", "search_scale", "search_clip", "apply_clip",
+    "ScaleResult", "ClipResult", "activation_stats", "weight_stats", "scale_candidates", "linear_output_loss",
+    "search_scale", "search_clip", "apply_clip",
     "fold_scale_into_norm", "fold_scale_into_linear_outputs", "scale_linear_inputs",
-    "can_fold_into_linear",
+    "can_fold_into_linear", "fold_index",
 ]
 
 _ROWS_PER_CHUNK = 4096   # calibration rows per matmul in the searches; bounds peak memory only
@@ -38,9 +44,11 @@ _CLIP_OUT_CHANNELS = 256  # output channels per clip-search batch (AutoAWQ's oc_
 class ScaleResult:
     scales: Tensor        # [K] fp32: divide the previous op's output by these,
                           # multiply the linears' input columns by them
-    alpha: float          # best exponent in s = act_mean ** alpha
-    loss: float           # mean squared output error at the best alpha
-    loss_unscaled: float  # the same at scale = 1 (alpha = 0)
+    form: str             # "plain" (x_mean ** a) or "duo" (x_mean ** a / w_mean ** (1 - a)) at the best loss
+    alpha: float          # best exponent a
+    loss: float           # the loss at the best candidate
+    loss_unscaled: float  # the same at scale = 1 (plain, a = 0)
+    tried: tuple[tuple[str, float, float], ...] = ()  # (form, a, loss) of every candidate, in search order
 
 
 @dataclass(frozen=True)
@@ -121,13 +129,41 @@ def activation_stats(x: Tensor) -> Tensor:
     return total / x.shape[0]
 
 
-def _candidate_scales(act_mean: Tensor, alpha: float) -> Tensor:
-    """s = act_mean ** alpha, clamped at 1e-4, normalised by sqrt(max * min) as in AutoAWQ.
+def weight_stats(weights: list[Tensor], group_size: int) -> Tensor:
+    """Mean over output rows of |w| normalised by its quantization group's max |w| (AutoAWQ's w_mean for duo scaling).
 
-    act_mean: [K] fp32; returns [K] fp32. alpha = 0 gives exactly ones.
+    weights: list of [N_i, K] any float dtype   the group's Linears; not modified
+    returns [K] fp32: concatenate the rows, view as groups of G columns, divide each group's |w| by its max
+    (+ 1e-6, as AutoAWQ), mean over the sum N_i rows. Peak extra memory: one [sum N_i, K] fp32 tensor.
     """
-    s = act_mean.pow(alpha).clamp(min=1e-4)
+    w = torch.cat([w.to(torch.float32) for w in weights]).abs()        # [sum N_i, K] fp32
+    n, k = w.shape
+    wg = w.reshape(-1, _group_size(k, group_size))
+    return (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).reshape(n, k).mean(dim=0)
+
+
+def _normalise(s: Tensor) -> Tensor:
+    """AutoAWQ's clamp at 1e-4 and division by sqrt(max * min), so the scale is centred around 1."""
+    s = s.clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
+
+
+def scale_candidates(act_mean: Tensor, w_mean: Tensor, cfg: AWQConfig) -> list[tuple[str, float, Tensor]]:
+    """Every (form, a, s) the scale search tries, plain first (so a = 0 plain, exactly ones, comes first).
+
+    act_mean: [K] fp32 (activation_stats), w_mean: [K] fp32 (weight_stats); returns s: [K] fp32 each.
+    plain: s = x_mean ** a; duo: s = x_mean ** a / (w_mean ** (1 - a) + 1e-4) (AutoAWQ); both then _normalise'd,
+    for a in {0, 1/n, ..., (n-1)/n}, n = cfg.grid_points. The plain a = 0 identity is always included.
+    """
+    alphas = [step / cfg.grid_points for step in range(cfg.grid_points)]
+    out = []
+    if cfg.scale_forms is not ScaleForms.DUO:
+        out += [("plain", a, _normalise(act_mean.pow(a))) for a in alphas]
+    else:
+        out.append(("plain", 0.0, torch.ones_like(act_mean)))
+    if cfg.scale_forms is not ScaleForms.PLAIN:
+        out += [("duo", a, _normalise(act_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4))) for a in alphas]
+    return out
 
 
 def _output_sq_error(x: Tensor, delta: Tensor) -> float:
@@ -139,39 +175,69 @@ def _output_sq_error(x: Tensor, delta: Tensor) -> float:
     return err
 
 
-def search_scale(x: Tensor, weights: list[Tensor], cfg: AWQConfig) -> ScaleResult:
-    """Grid search for the AWQ per-channel scale (Lin et al. 2023, Sec. 3.2, Eq. 4-5).
+def linear_output_loss(x: Tensor, weights: list[Tensor]) -> Callable[[list[Tensor]], float]:
+    """The loss of candidate weights on the Linears' own outputs: sum_i ||x W_i^T - x Wq_i^T||^2 / (M sum_i N_i).
 
-    x:       [M, K] bf16/fp32   the group's shared input, M = S*T tokens; not modified
-    weights: list of [N_i, K] fp32  Linears that read x (e.g. q, k, v); not modified
-    For alpha in {0, 1/n, ..., (n-1)/n}, n = cfg.grid_points, with s = _candidate_scales(alpha):
-        loss(alpha) = sum_i ||x W_i^T - (x/s) Q(W_i s)^T||^2 / (M * sum_i N_i)
-    computed as ||x delta^T||^2 with delta = concat_i(W_i - Q(W_i s)/s): [sum N_i, K] fp32 (one
-    matmul, no cancellation between two large outputs). Memory: x is read in chunks of
-    _ROWS_PER_CHUNK rows; peak extra is delta (320 MiB for INF-34B q/k/v: 10240 x 8192), one
-    [chunk, K] fp32 copy of x and one [chunk, sum N_i] fp32 output (160 MiB at chunk=4096);
-    never an [M, N] tensor.
+    x: [M, K] any float dtype (kept by reference, read in _ROWS_PER_CHUNK-row chunks; not modified)
+    weights: list of [N_i, K] the original weights. The returned callable takes the candidates Wq_i = Q(W_i s)/s
+    ([N_i, K] fp32) and computes ||x delta^T||^2 with delta = concat_i(W_i - Wq_i): [sum N_i, K] fp32 (one matmul,
+    no cancellation between two large outputs). Peak extra: delta (320 MiB for INF-34B q/k/v: 10240 x 8192), one
+    [chunk, K] fp32 copy of x and one [chunk, sum N_i] fp32 output (160 MiB at chunk=4096); never an [M, N] tensor.
     """
-    k = x.shape[1]
+    ws32 = [w.to(torch.float32) for w in weights]  # no copy when already fp32
+    n_out = x.shape[0] * sum(w.shape[0] for w in weights)
+
+    def loss(candidates: list[Tensor]) -> float:
+        delta = torch.cat([w - q for w, q in zip(ws32, candidates)])  # [sum N_i, K] fp32
+        return _output_sq_error(x, delta) / n_out
+
+    return loss
+
+
+def _tied_mean(v: Tensor, tie: Tensor) -> Tensor:
+    """v: [K] fp32, tie: [K] int64 in [0, K_free) -> [K_free] fp32, the mean of v over the channels of each tie."""
+    k_free = int(tie.max()) + 1
+    total = torch.zeros(k_free, dtype=v.dtype, device=v.device).index_add_(0, tie, v)
+    return total / torch.bincount(tie, minlength=k_free).to(v.dtype)
+
+
+def search_scale(x: Tensor, weights: list[Tensor], cfg: AWQConfig,
+                 loss: Callable[[list[Tensor]], float] | None = None, tie: Tensor | None = None) -> ScaleResult:
+    """Grid search for the AWQ per-channel scale (Lin et al. 2023, Sec. 3.2, Eq. 4-5; AutoAWQ duo scaling).
+
+    x:       [..., K] bf16/fp32   the group's shared input, e.g. [M, K] or [n, T, K]; not modified
+    weights: list of [N_i, K] fp32  Linears that read x (e.g. q, k, v); not modified
+    loss:    maps the candidate weights [Q(W_i s)/s for each i] (each [N_i, K] fp32) to a float; default
+             linear_output_loss(x, weights). The pipeline passes the MSE of the module the group feeds.
+    tie:     [K] int64 or None (fold_index): channels with equal tie[c] must share one scale (GQA v -> o); the
+             statistics are averaged over each tie, candidates built on those, and s = s_free[tie].
+    For every (form, a, s) of scale_candidates(activation_stats(x), weight_stats(weights), cfg) the loss is
+    evaluated; the argmin is returned (the first on ties, so the plain a = 0 identity wins ties).
+    Peak extra memory beyond what `loss` uses: the candidate weights, sum_i N_i x K fp32.
+    """
+    k = x.shape[-1]
     for w in weights:
         if w.shape[1] != k:
             raise ValueError(f"search_scale: weight {tuple(w.shape)} does not read x of shape {tuple(x.shape)}")
-    act_mean = activation_stats(x)
-    n_out = x.shape[0] * sum(w.shape[0] for w in weights)
-    ws32 = [w.to(torch.float32) for w in weights]  # no copy when already fp32
-    losses, best = [], None
-    for step in range(cfg.grid_points):
-        alpha = step / cfg.grid_points
-        s = _candidate_scales(act_mean, alpha)
-        q_over_s = [_fake_quant(w * s, cfg.bits, cfg.group_size, cfg.zero_point) / s for w in ws32]
-        delta = torch.cat([w - q for w, q in zip(ws32, q_over_s)])  # [sum N_i, K] fp32
-        losses.append(_output_sq_error(x, delta) / n_out)
-        if best is None or losses[-1] < best[1]:
-            best = (alpha, losses[-1], s)
-    if not math.isfinite(losses[0]):
-        raise NumericalError(f"search_scale: unscaled output error is {losses[0]}; x or the weights hold inf/nan; "
+    x2 = x.reshape(-1, k)
+    act_mean = activation_stats(x2)
+    loss = loss or linear_output_loss(x2, weights)
+    ws32 = [w.to(torch.float32) for w in weights]
+    w_mean = weight_stats(ws32, cfg.group_size)
+    if tie is not None:
+        act_mean, w_mean = _tied_mean(act_mean, tie), _tied_mean(w_mean, tie)
+    tried, best = [], None
+    for form, alpha, s in scale_candidates(act_mean, w_mean, cfg):
+        s = s if tie is None else s[tie]
+        value = loss([_fake_quant(w * s, cfg.bits, cfg.group_size, cfg.zero_point) / s for w in ws32])
+        tried.append((form, alpha, value))
+        if best is None or value < best[3]:
+            best = (form, alpha, s, value)
+    if not math.isfinite(tried[0][2]):
+        raise NumericalError(f"search_scale: unscaled output error is {tried[0][2]}; x or the weights hold inf/nan; "
                              "check the calibration activations of this layer")
-    return ScaleResult(scales=best[2], alpha=best[0], loss=best[1], loss_unscaled=losses[0])
+    return ScaleResult(scales=best[2], form=best[0], alpha=best[1], loss=best[3], loss_unscaled=tried[0][2],
+                       tried=tuple(tried))
 
 
 def _clip_ratios(cfg: AWQConfig) -> list[float]:
@@ -277,10 +343,25 @@ def scale_linear_inputs(w: Tensor, scales: Tensor) -> Tensor:
 
 
 def can_fold_into_linear(prev_out_features: int, next_in_features: int) -> bool:
-    """The one shape rule for folding a scale into a previous Linear.
-
-    The scale has one entry per next_in_features column, so the previous Linear must produce
-    exactly those features. False for INF-34B GQA v_proj -> o_proj (1024 vs 8192): the caller logs
-    the skip and leaves o_proj unscaled.
-    """
+    """The shape rule without head structure: a scale with one entry per next_in_features column folds into a
+    previous Linear's output rows only if it produces exactly those features (see fold_index for GQA)."""
     return prev_out_features == next_in_features
+
+
+def fold_index(prev_out_features: int, next_in_features: int, head_dim: int) -> Tensor | None:
+    """The one shape rule for folding a scale into a previous Linear: tie [K] int64, the previous Linear's output
+    row that each of the next Linear's K input columns reads, or None if the scale cannot be folded.
+
+    Equal widths (up_proj -> down_proj, v_proj -> o_proj without GQA): the identity.
+    GQA v_proj -> o_proj (next = n_rep * prev, both multiples of head_dim): query head h reads KV head h // n_rep
+    (transformers' repeat_kv), so o's column h * head_dim + d reads v's row (h // n_rep) * head_dim + d; the scale
+    is exact if it is equal over the n_rep columns that read one row (search_scale(tie=...) keeps it so).
+    Otherwise None: the caller logs the skip and leaves the next Linear unscaled.
+    """
+    c = torch.arange(next_in_features)
+    if prev_out_features == next_in_features:
+        return c
+    if next_in_features % prev_out_features or prev_out_features % head_dim:
+        return None
+    n_rep = next_in_features // prev_out_features
+    return (c // head_dim) // n_rep * head_dim + c % head_dim
