@@ -39,6 +39,7 @@ MODULE_LOSS_RTOL = 1e-3
 
 D, FFN = 48, 96
 CFG = AWQConfig(group_size=16)
+FULL = AWQConfig(group_size=16, scale_forms=ScaleForms.BOTH, coarse_step=1)  # every candidate, both forms
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -200,16 +201,33 @@ def test_scale_search_beats_unscaled_on_outliers():
 
 def test_scale_search_tries_both_forms_and_keeps_the_best():
     x, weights = _outlier_x(256, D, 10), _qkv(11)
-    both = search_scale(x, weights, CFG)
+    both = search_scale(x, weights, FULL)
     forms = [f for f, _, _ in both.tried]
     assert forms == ["plain"] * CFG.grid_points + ["duo"] * CFG.grid_points
     assert both.tried[0][:2] == ("plain", 0.0) and both.tried[0][2] == both.loss_unscaled
     assert (both.form, both.alpha, both.loss) == min(both.tried, key=lambda t: t[2])
-    plain, duo = (search_scale(x, weights, AWQConfig(group_size=16, scale_forms=f))
+    plain, duo = (search_scale(x, weights, AWQConfig(group_size=16, scale_forms=f, coarse_step=1))
                   for f in (ScaleForms.PLAIN, ScaleForms.DUO))
     assert {f for f, _, _ in plain.tried} == {"plain"} and len(plain.tried) == CFG.grid_points
     assert [f for f, _, _ in duo.tried] == ["plain"] + ["duo"] * CFG.grid_points  # the identity is always tried
     assert both.loss == min(plain.loss, duo.loss) and duo.loss <= duo.loss_unscaled
+
+
+@pytest.mark.parametrize("forms", [ScaleForms.PLAIN, ScaleForms.BOTH])
+def test_coarse_to_fine_scores_every_other_alpha_then_the_best_ones_neighbours(forms):
+    x, weights = _outlier_x(256, D, 10), _qkv(11)
+    full = search_scale(x, weights, AWQConfig(group_size=16, scale_forms=forms, coarse_step=1))
+    fast = search_scale(x, weights, AWQConfig(group_size=16, scale_forms=forms))  # coarse_step=2
+    for form in {f for f, _, _ in fast.tried}:
+        alphas = [a for f, a, _ in fast.tried if f == form]
+        coarse = [i / 20 for i in range(0, 20, 2)]
+        assert alphas[:10] == coarse
+        losses = {a: v for f, a, v in fast.tried if f == form}
+        best = min(coarse, key=losses.get)
+        assert sorted(alphas[10:]) == [(round(best * 20) + d) / 20 for d in (-1, 1) if 0 <= round(best * 20) + d < 20]
+    assert len(fast.tried) <= 12 * len({f for f, _, _ in fast.tried})
+    assert fast.loss_unscaled == full.loss_unscaled and fast.loss >= full.loss
+    assert fast.alpha == full.alpha and fast.form == full.form  # a smooth loss: the same argmin here
 
 
 def test_duo_candidates_follow_autoawq():
@@ -219,7 +237,7 @@ def test_duo_candidates_follow_autoawq():
     w = torch.cat(weights).abs()
     w_mean = (w.reshape(-1, 16) / (w.reshape(-1, 16).amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
     assert_close(weight_stats(weights, 16), w_mean, atol=0.0, rtol=LOSS_RTOL, what="w_mean")
-    cands = {(f, a): s for f, a, s in scale_candidates(act_mean, w_mean, CFG)}
+    cands = {(f, a): s for f, a, s in scale_candidates(act_mean, w_mean, FULL)}
     s = (act_mean.pow(0.35) / (w_mean.pow(0.65) + 1e-4)).clamp(min=1e-4)
     assert_close(cands[("duo", 0.35)], s / (s.max() * s.min()).sqrt(), atol=0.0, rtol=LOSS_RTOL, what="duo")
     assert torch.equal(cands[("plain", 0.0)], torch.ones(D))
@@ -234,9 +252,9 @@ def test_scale_search_with_a_custom_loss_scores_the_candidates():
         seen.append([c.clone() for c in cands])
         return float(len(seen) == 7)  # every candidate but the 7th ties at 0: the first (identity) wins ties
 
-    result = search_scale(x, weights, CFG, loss)
+    result = search_scale(x, weights, FULL, loss)
     assert len(seen) == 2 * CFG.grid_points and result.alpha == 0.0 and result.form == "plain"
-    _, _, s = scale_candidates(activation_stats(x), weight_stats(weights, 16), CFG)[5]
+    _, _, s = scale_candidates(activation_stats(x), weight_stats(weights, 16), FULL)[5]
     for c, w in zip(seen[5], weights):
         assert torch.equal(c, awq._fake_quant(w * s, 4, 16, True) / s)
 
@@ -406,7 +424,7 @@ def test_module_scored_search_never_loses_and_reports_its_loss():
     attn = block.self_attn
     linears = [attn.q_proj, attn.k_proj, attn.v_proj]
     orig = [m.weight.detach().clone() for m in linears]
-    result = search_scale(xs[0], orig, CFG, module_output_loss(attn, linears, xs[0], kwargs[0], batch=2))
+    result = search_scale(xs[0], orig, FULL, module_output_loss(attn, linears, xs[0], kwargs[0], batch=2))
     assert len(result.tried) == 2 * CFG.grid_points and result.loss <= result.loss_unscaled
     cands = [awq._fake_quant(w * result.scales, 4, 16, True) / result.scales for w in orig]
     expected = float((_attention_ref(xs[0], *cands, attn.o_proj.weight, cos, sin)
@@ -457,6 +475,6 @@ def test_folding_every_group_keeps_the_layer_output(model_type):
     block, hidden, rope, xs, kwargs = _captured(54, model_type)
     expected = run_block(block, hidden, rope)
     for group, x, kw in zip(LAYER_MAPS["llama"].groups, xs, kwargs):
-        _, res = block_mod._fold(block, group, "", x, kw, CFG, 2, 8, notes := [])
+        _, res = block_mod._fold(block, group, "", x, kw, FULL, 2, 8, notes := [])
         assert res is not None and not notes and not torch.equal(res.scales, torch.ones_like(res.scales))
     _assert_fold_close(run_block(block, hidden, rope), expected)
