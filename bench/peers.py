@@ -90,21 +90,6 @@ def gptqmodel_worker(config: str, ids_file: str, model: str, out: str) -> None:
     m.save(out)
 
 
-def _eval_windows(model: str, seqlen: int, n: int):
-    """Non-overlapping windows of the bundled eval set (never used for calibration): [n, seqlen] int64."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from inf_quant.calibrate import read_records, resolve_text_file
-
-    tok = AutoTokenizer.from_pretrained(model)
-    ids: list[int] = []
-    for r in read_records(resolve_text_file("bundled-eval")):
-        ids += tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    w = torch.tensor(ids[: len(ids) // seqlen * seqlen]).reshape(-1, seqlen)
-    return w[torch.linspace(0, len(w) - 1, min(n, len(w))).long()]
-
-
 def _scores(model, windows, ref_logp=None) -> tuple[dict, object]:
     """PPL of model on windows; with ref_logp ([n, T-1, V] fp32 of bf16) also exact KL and top-1."""
     import torch
@@ -161,7 +146,7 @@ def main() -> None:
         return gptqmodel_worker(*a._worker)
 
     import torch
-    from smollm2 import ensure_smollm2
+    from smollm2 import ensure_smollm2, eval_windows
 
     from inf_quant.config import CalibConfig, GPTQConfig, ModelConfig, OutputConfig, Recipe
     from inf_quant.pipeline import prepare
@@ -199,7 +184,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    windows = _eval_windows(model, a.seqlen, a.eval_windows)
+    windows = eval_windows(model, a.seqlen, a.eval_windows)
     base, ref = _scores(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), windows)
     ref = torch.stack(ref)
     rows = []

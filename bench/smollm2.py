@@ -91,5 +91,21 @@ def ensure_smollm2(cache: Path | None = None) -> Path:
     return out
 
 
+def eval_windows(model_dir: Path, seqlen: int, n: int):
+    """n evenly spaced non-overlapping windows of the bundled eval set (never used for calibration), tokenized
+    with the checkpoint's tokenizer, documents joined by EOS: [n, seqlen] int64."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from inf_quant.calibrate import read_records, resolve_text_file
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids: list[int] = []
+    for r in read_records(resolve_text_file("bundled-eval")):
+        ids += tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    w = torch.tensor(ids[: len(ids) // seqlen * seqlen]).reshape(-1, seqlen)
+    return w[torch.linspace(0, len(w) - 1, min(n, len(w))).long()]
+
+
 if __name__ == "__main__":
     print(ensure_smollm2())

@@ -36,20 +36,6 @@ def real_model():
     return ensure_smollm2()
 
 
-def _eval_windows(model_dir: Path) -> torch.Tensor:
-    """Evenly spaced non-overlapping windows of the bundled eval set (disjoint from calibration): [8, 256]."""
-    from transformers import AutoTokenizer
-
-    from inf_quant.calibrate import read_records, resolve_text_file
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids: list[int] = []
-    for r in read_records(resolve_text_file("bundled-eval")):
-        ids += tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    w = torch.tensor(ids[: len(ids) // SEQLEN * SEQLEN]).reshape(-1, SEQLEN)
-    return w[torch.linspace(0, len(w) - 1, EVAL_WINDOWS).long()]
-
-
 def _ppl(model, windows: torch.Tensor) -> float:
     with torch.no_grad():
         out = model(windows, labels=windows)
@@ -85,7 +71,9 @@ def test_default_gptq_beats_round_to_nearest_on_real_weights(real_model, tmp_pat
     def rtn_weight(_name, mod):
         return dequantize_weight(rtn_quantize(mod.weight.data, 4, GROUP, sym=True))
 
-    windows = _eval_windows(real_model)
+    from smollm2 import eval_windows
+
+    windows = eval_windows(real_model, SEQLEN, EVAL_WINDOWS)
     base = _ppl(_with_weights(real_model, lambda _n, mod: mod.weight.data), windows)
     rtn = _ppl(_with_weights(real_model, rtn_weight), windows)
     gptq = _ppl(_with_weights(real_model, gptq_weight), windows)
