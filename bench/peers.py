@@ -6,7 +6,7 @@
 Both tools quantize the same bf16 checkpoint (bench/smollm2.py) from the same calibration token ids: inf-quant's
 own windows of the bundled calibration set (`prepare(recipe).ids`), handed to GPTQModel as `input_ids`. Every
 quantization runs in a fresh process, alternated (A B A B ...), measured with os.wait4: wall seconds, CPU seconds
-(user + system) and peak RSS. Each output is then loaded *as users load it* (transformers `from_pretrained`,
+(user + system) and peak RSS (the child's own VmHWM). Each output is then loaded *as users load it* (transformers `from_pretrained`,
 gptqmodel's CPU kernels) and scored against the bf16 model on eval windows not used for calibration (the
 bundled eval set): perplexity, exact full-vocabulary KL(bf16 || quantized) and top-1 agreement. A round-to-nearest
 row (the same grid, no GPTQ/AWQ) is computed in-process as the floor every method must beat.
@@ -41,14 +41,29 @@ ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GPTQMODEL_CPU_WORKER
        "GPTQMODEL_DISABLE_PACK_EXT": "1"}
 
 
+def _hwm(pid: int) -> int:
+    """The process's own peak RSS so far (VmHWM, bytes). Not ru_maxrss: Linux carries the parent's peak RSS into a
+    forked child's ru_maxrss across exec, so a child of a big parent would report the parent's peak."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _measured(cmd: list[str], log: Path, timeout: float) -> dict:
-    """Run cmd in a fresh process; wall and CPU seconds and peak RSS from os.wait4. A run still going after
-    `timeout` wall seconds is killed and recorded as not finished (with the CPU seconds it had used)."""
+    """Run cmd in a fresh process; wall and CPU seconds from os.wait4, peak RSS from VmHWM polled every 0.2 s
+    (a high-water mark, so polling misses nothing but the last 0.2 s). A run still going after `timeout` wall
+    seconds is killed and recorded as not finished (with the CPU seconds it had used)."""
     t0 = time.monotonic()
+    peak = 0
     with open(log, "w") as f:
         # cwd: GPTQModel writes a logs/ folder into the working directory
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENV}, cwd=log.parent)
         while True:
+            peak = max(peak, _hwm(p.pid))
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
@@ -57,11 +72,11 @@ def _measured(cmd: list[str], log: Path, timeout: float) -> dict:
                 _, status, ru = os.wait4(p.pid, 0)
                 status = "timeout"
                 break
-            time.sleep(1)
+            time.sleep(0.2)
     wall = time.monotonic() - t0
     if status and status != "timeout":
         sys.exit(f"{' '.join(cmd[:4])} ... failed (status {status}); see {log}")
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_gib": ru.ru_maxrss / 2**20,
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_gib": peak / 2**30,
             "finished": status != "timeout"}
 
 
