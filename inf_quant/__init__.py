@@ -1,8 +1,14 @@
 """inf-quant: GPTQ/AWQ quantization, verification and release tooling for INF-34B (model_type `inflm`) and Llama.
 
 Importing the package registers the `inflm` architecture and INFLMTokenizer with transformers' Auto classes, so
-`AutoModelForCausalLM.from_pretrained(dir)` works for INF checkpoints without remote code.
+`AutoModelForCausalLM.from_pretrained(dir)` works for INF checkpoints without remote code. The registration runs
+as soon as transformers is imported (at once if it already is), so `import inf_quant` itself stays light: the CLI
+answers `--help` and argument or pre-flight errors without importing torch or transformers.
 """
+
+import importlib.abc
+import importlib.machinery
+import sys
 
 __version__ = "0.1.0"
 
@@ -19,4 +25,27 @@ def _register() -> None:
     AutoTokenizer.register(INFLMConfig, slow_tokenizer_class=INFLMTokenizer, exist_ok=True)
 
 
-_register()
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+    """Finds `transformers` like the normal path finder, and runs _register() once its __init__ has executed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            _register()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register()
+else:
+    sys.meta_path.insert(0, _RegisterAfterTransformers())

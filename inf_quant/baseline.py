@@ -51,7 +51,7 @@ def checkpoint_sha256(ckpt: Checkpoint, root: Path) -> str:
         if key not in memo:
             memo[key] = file_sha256(p)
         h.update(f"{name}:{memo[key]}\n".encode())
-    tmp = memo_file.with_suffix(".tmp")
+    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(memo, sort_keys=True))
     os.replace(tmp, memo_file)
     return h.hexdigest()

@@ -14,8 +14,6 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from .errors import ConfigError
 from .paths import CALIBRATION, EVAL
 
@@ -67,9 +65,48 @@ def files_sha256(paths: tuple[Path, ...]) -> str:
     return h.hexdigest()
 
 
-def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+def read_text(path: Path, what: str = "text file") -> str:
+    """The file's text; not UTF-8, or binary (NUL bytes), is a one-line ConfigError naming the offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot be read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "convert it to UTF-8 (e.g. iconv -t utf-8) or pass another file") from None
+    if "\x00" in text:
+        raise ConfigError(f"{what} {path}: a binary file (NUL byte at offset {text.index(chr(0))}), not text; "
+                          "pass a .jsonl or .txt file")
+    return text
+
+
+def check_text_file(path: Path, what: str, chat: bool) -> tuple[int, int]:
+    """Pre-flight of a calibration (chat=True: {'text'} or {'messages'} records) or eval file (chat=False: {'text'}
+    only): UTF-8, every record well-formed, some text. Returns (records, characters of text); nothing is tokenized."""
+    if path.suffix == ".txt":
+        blocks = [t for t in read_text(path, what).split("\n\n") if t.strip()]
+        n, chars = len(blocks), sum(len(t) for t in blocks)
+    else:
+        n, chars = 0, 0
+        for where, rec in _jsonl(path, what):
+            if chat and "messages" in rec and "text" not in rec:
+                chars += sum(len(m["content"]) for m in _chat_messages(where, rec))
+            elif not isinstance(rec.get("text"), str) or (chat and "messages" in rec):
+                raise ConfigError(f"{where}: each line needs " + ("exactly one of 'text' (a string) or 'messages'"
+                                                                 if chat else "a string field 'text'"))
+            else:
+                chars += len(rec["text"].strip())
+            n += 1
+    if not chars:
+        raise ConfigError(f"{what} {path}: no text (the file is empty or whitespace only); pass a file with text")
+    return n, chars
+
+
+def _jsonl(path: Path, what: str = "text file") -> Iterator[tuple[str, dict]]:
     """(where, record) per non-blank line; `where` is 'path:line'."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -85,7 +122,7 @@ def read_records(path: Path) -> list[dict]:
     """Plain-text records {'text', optional 'lang', ...}: one per jsonl line, or one per blank-line-separated
     .txt block (used for eval text, which has no chat records)."""
     if path.suffix == ".txt":
-        return [{"text": t} for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        return [{"text": t} for t in read_text(path).split("\n\n") if t.strip()]
     out = []
     for where, rec in _jsonl(path):
         if not isinstance(rec.get("text"), str):
@@ -137,6 +174,8 @@ def _record_text(tokenizer, where: str, rec: dict) -> str:
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """All texts tokenized (no BOS, like INF) and joined with EOS: [L] int64."""
+    import torch
+
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for t in texts:
@@ -173,6 +212,8 @@ def sample_windows(docs: list[list[int]], samples: int, seqlen: int, seed: int) 
     used at most ceil(S / windows) times); that, and asking for more than half of all tokens, is logged.
     Deterministic in `seed`.
     """
+    import torch
+
     total = sum(len(d) for d in docs)
     if total < seqlen:
         raise ConfigError(f"the calibration text has {total} tokens, fewer than one window of seqlen={seqlen}; "

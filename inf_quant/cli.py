@@ -1,16 +1,24 @@
-"""`inf-quant`: parse flags -> Recipe -> one library call -> exit code. Nothing else.
+"""`inf-quant`: parse flags -> Recipe -> pre-flight -> one library call -> exit code. Nothing else.
 
-Exit codes: 0 success, 1 a verification gate failed, 2 bad input or environment (one line on stderr).
+Exit codes: 0 success; 1 a verification gate failed; 2 bad input or environment, out of memory, disk full (one
+line on stderr: what, where, how to fix); 3 an unexpected error (one line; the traceback goes to a log file whose
+path is printed); 130 interrupted. Arguments and pre-flight (preflight.py) are checked before torch or
+transformers is imported; library output is kept off the terminal (and in the crash log) unless --verbose.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import logging
 import os
 import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
 
 from . import __version__
 
@@ -51,21 +59,33 @@ def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the libraries' own log lines and warnings (hidden by default)")
+
+
 def _serve_as_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-as", choices=["inflm", "stablelm"],
                    help="output layout of an INF model: inflm (default; remote code, as INF ships it) or stablelm "
                         "(transformers/vLLM/SGLang load it natively, fast tokenizer)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (exit 2), pointing at --help instead of printing the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="inf-quant", description="Quantize INF-34B (and Llama) checkpoints to GPTQ/AWQ, verify and release them.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"inf-quant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("gptq", help="GPTQ 4/8-bit quantization", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _quant_args(g, (4, 8, 2))
+    _quant_args(g, (4, 8))
     g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid (default on)")
     g.add_argument("--order", choices=["group-aware", "natural", "act"],
                    help="column solve order (default group-aware; 'act' = desc_act, not Marlin-friendly unless "
@@ -125,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="the new directory")
     x.add_argument("--force", action="store_true", help="replace an existing output directory")
     x.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    for p in (g, a, v, f, r, x):
+        _verbose_arg(p)
     return parser
 
 
@@ -184,9 +206,15 @@ class _Progress:
 
 
 def _quantize(args) -> int:
+    from . import preflight
+
+    recipe = recipe_from_args(args)
+    preflight.for_quantize(recipe)  # before torch is imported
+
     from .pipeline import quantize
 
-    report = quantize(recipe_from_args(args), progress=_Progress(args.quiet or args.json))
+    with _library_stdout(args):
+        report = quantize(recipe, progress=_Progress(args.quiet or args.json))
     print(json.dumps(report.summary(), sort_keys=True) if args.json else report.to_text())
     return 0
 
@@ -204,10 +232,15 @@ def verify_config_from_args(args):
 
 
 def _verify(args) -> int:
+    from . import preflight
+
+    cfg = verify_config_from_args(args)
+    preflight.for_verify(cfg)
+
     from .verify import verify
 
-    with contextlib.redirect_stdout(sys.stderr):  # the loading stack prints banners; stdout is for our output
-        report = verify(verify_config_from_args(args))
+    with _library_stdout(args):
+        report = verify(cfg)
     print(json.dumps(report.data, sort_keys=True) if args.json else report.to_text())
     return 0 if report.passed else 1
 
@@ -232,7 +265,7 @@ def _release(args) -> int:
         return 1 if problems else 0
     if not (args.recipes and args.out):
         raise ConfigError("release needs --recipes DIR and --out DIR (or --check RELEASE_DIR)")
-    with contextlib.redirect_stdout(sys.stderr):
+    with _library_stdout(args):
         report = release(args.recipes, args.out, args.model, tuple(args.only), args.resume, args.force,
                          progress=_Progress(args.quiet or args.json),
                          serve_as=Layout(args.serve_as) if args.serve_as else None)
@@ -241,6 +274,10 @@ def _release(args) -> int:
 
 
 def _export(args) -> int:
+    from . import preflight
+
+    preflight.for_export(args.src, args.out, args.force)
+
     from .export import export_stablelm
 
     report = export_stablelm(args.src, args.out, args.force)
@@ -252,11 +289,125 @@ COMMANDS = {"gptq": _quantize, "awq": _quantize, "verify": _verify, "fit": _fit,
             "release": _release, "export": _export}
 
 
+NOISY = ("torch", "torch.utils._pytree", "torchao", "transformers", "gptqmodel", "logbar", "optimum", "accelerate", "huggingface_hub",
+         "urllib3", "tokenizers", "device_smi", "datasets", "defuser")
+_recent: collections.deque = collections.deque(maxlen=2000)  # library (and our) log lines, for the crash log
+
+
+class _Recent(logging.Handler):
+    def emit(self, record):
+        with contextlib.suppress(Exception):
+            _recent.append(self.format(record))
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool):
+    """Our log lines (logger inf_quant) at INF_QUANT_LOG (default INFO) on stderr; the libraries' only with
+    --verbose. Everything, shown or not, is also kept for the crash log. Restored on exit (main() may run
+    in-process, e.g. under pytest)."""
+    fmt = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    term, recent = logging.StreamHandler(sys.stderr), _Recent()
+    for h in (term, recent):
+        h.setFormatter(fmt)
+    ours, root = logging.getLogger("inf_quant"), logging.getLogger()
+    saved = [(lg, lg.level, lg.propagate) for lg in (ours, root, *map(logging.getLogger, NOISY))]
+    ours.setLevel(os.environ.get("INF_QUANT_LOG", "INFO"))
+    ours.propagate = False
+    ours.addHandler(term)
+    ours.addHandler(recent)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    root.addHandler(recent)
+    if verbose:
+        root.addHandler(term)
+    logging.captureWarnings(True)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
+        for name in NOISY:  # some add their own stderr handlers (torch, transformers): no propagation to root
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")  # library Future/Deprecation/User warnings
+            yield
+    finally:
+        logging.captureWarnings(False)
+        for h in (term, recent):
+            ours.removeHandler(h)
+            root.removeHandler(h)
+        for lg, level, propagate in saved:
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
+@contextlib.contextmanager
+def _library_stdout(args):
+    """The loading stack prints banners on stdout, which is for our output: to stderr with --verbose, else into
+    the crash log only."""
+    if getattr(args, "verbose", False):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+
+    class _Sink:
+        def write(self, s):
+            if s.strip():
+                _recent.append(s.rstrip())
+            return len(s)
+
+        def flush(self):
+            pass
+
+    with contextlib.redirect_stdout(_Sink()):
+        yield
+
+
+def crash_log_dir() -> Path:
+    d = os.environ.get("INF_QUANT_LOG_DIR")
+    return Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant" / "logs"
+
+
+def _crash_log(argv, e: BaseException) -> Path | None:
+    try:
+        d = crash_log_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"inf-quant-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        p.write_text(f"inf-quant {__version__}\nargv: {json.dumps(argv)}\n\n" + "\n".join(_recent) + "\n\n"
+                     + "".join(traceback.format_exception(e)))
+        return p
+    except OSError:
+        return None
+
+
+def _line(e: BaseException) -> str:
+    """The exception's message and the notes added on the way up (cleanup done), on one line."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return "; ".join([msg, *getattr(e, "__notes__", ())])
+
+
+def _environment_error(e: OSError) -> str | None:
+    """One-line advice for the OS errors users can fix; None for the rest."""
+    import errno
+
+    where = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full writing {where}: free space or choose --out on another disk"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {where} ({e.strerror}): choose an output location you can write"
+    if e.errno == errno.ENOENT and e.filename:
+        return f"{where}: no such file or directory (was it removed during the run?)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("INF_QUANT_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    from .errors import InfQuantError, VerifyFailed
+    with _logging(getattr(args, "verbose", False)):
+        return _run(args, argv)
+
+
+def _run(args, argv) -> int:
+    from .errors import InfQuantError, VerifyFailed, is_oom
 
     try:
         return COMMANDS[args.command](args)
@@ -264,11 +415,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inf-quant: {e}", file=sys.stderr)
         return 1
     except InfQuantError as e:
-        print(f"inf-quant: error: {e}", file=sys.stderr)
+        print(f"inf-quant: error: {_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("inf-quant: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the error contract: nothing escapes as a traceback
+        if is_oom(e):
+            notes = list(getattr(e, "__notes__", ())) or ["nothing was written"]
+            print(f"inf-quant: error: out of memory ({type(e).__name__}): lower --forward-batch (now "
+                  f"{getattr(args, 'forward_batch', None) or 'default 4'}), --samples or --seqlen; " + "; ".join(notes),
+                  file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and (advice := _environment_error(e)):
+            print(f"inf-quant: error: {'; '.join([advice, *getattr(e, '__notes__', ())])}", file=sys.stderr)
+            return 2
+        log_file = _crash_log(sys.argv[1:] if argv is None else argv, e)
+        print(f"inf-quant: internal error: {type(e).__name__}: {_line(e)[:300]} (traceback in {log_file}; "
+              "please report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

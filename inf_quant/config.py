@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+MIN_SEQLEN = 16  # tokens per calibration/eval window: below this a window says little about attention
+
 
 def _check_group_size(section: str, group_size: int) -> None:
     if group_size != -1 and (group_size < 8 or group_size % 8):
@@ -38,8 +40,9 @@ class GPTQConfig:
     clip_norm: float = 2.4       # error = sum |w - q|^clip_norm (the GPTQ reference's find_params(mse=True))
 
     def __post_init__(self):
-        if self.bits not in (2, 4, 8):
-            raise ConfigError(f"gptq.bits must be 2, 4 or 8, got {self.bits}")
+        if self.bits not in (4, 8):
+            raise ConfigError(f"gptq.bits must be 4 or 8 (the bit widths Marlin/vLLM and gptqmodel load), "
+                              f"got {self.bits}")
         _check_group_size("gptq", self.group_size)
         if not 0 < self.damp < 1:
             raise ConfigError(f"gptq.damp must be in (0, 1), got {self.damp}")
@@ -126,8 +129,9 @@ class CalibConfig:
     def __post_init__(self):
         if self.samples < 1:
             raise ConfigError(f"calibration.samples must be >= 1, got {self.samples}")
-        if self.seqlen < 0:
-            raise ConfigError(f"calibration.seqlen must be >= 1 (or 0 for the model default), got {self.seqlen}")
+        if self.seqlen and self.seqlen < MIN_SEQLEN or self.seqlen < 0:
+            raise ConfigError(f"calibration.seqlen (--seqlen) must be >= {MIN_SEQLEN} tokens (or 0 for the model "
+                              f"default), got {self.seqlen}")
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,9 @@ class VerifyConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        if self.seqlen < 2 or self.top_k < 1 or self.max_windows < 0 or self.vram_gib <= 0 or self.context < 0:
+        if self.seqlen < MIN_SEQLEN:
+            raise ConfigError(f"verify.seqlen (--seqlen) must be >= {MIN_SEQLEN} tokens, got {self.seqlen}")
+        if self.top_k < 1 or self.max_windows < 0 or self.vram_gib <= 0 or self.context < 0:
             raise ConfigError("verify: seqlen >= 2, top_k >= 1, max_windows >= 0, vram_gib > 0, context >= 0")
 
 

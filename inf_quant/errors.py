@@ -20,3 +20,14 @@ class NumericalError(InfQuantError):
 
 class VerifyFailed(InfQuantError):
     """A verification gate failed."""
+
+
+def is_oom(e: BaseException) -> bool:
+    """Host (MemoryError) or CUDA (torch.OutOfMemoryError) out of memory; checked by name, torch need not be loaded."""
+    return isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+
+
+def resumable(e: BaseException) -> bool:
+    """A failure after which a run's work directory is kept for --resume (an interrupt, running out of memory);
+    after any other failure (bad input, disk full, a bug) it is removed."""
+    return isinstance(e, KeyboardInterrupt) or is_oom(e)

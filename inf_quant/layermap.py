@@ -6,7 +6,7 @@ Adding a Llama-shaped family means adding an entry to LAYER_MAPS, never a class.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import CheckpointError
@@ -35,6 +35,8 @@ class LayerMap:
     lm_head: str                     # "lm_head"
     norm: Norm
     groups: tuple[LinearGroup, ...]  # quantized in this order; each sees earlier groups quantized
+    shapes: dict = field(default_factory=dict, hash=False)  # linear -> (out dim, in dim), names of DIMS
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -52,12 +54,49 @@ LLAMA_GROUPS = (
     LinearGroup(("mlp.down_proj",), "mlp.up_proj"),
 )
 
-LAYER_MAPS = {
-    "llama": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.RMS, LLAMA_GROUPS),
-    "inflm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS),
-    # INF-34B in transformers' StableLM layout (export.py): the same modules, names and LayerNorm (weight + bias)
-    "stablelm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS),
+LLAMA_SHAPES = {
+    "self_attn.q_proj": ("q", "hidden"), "self_attn.k_proj": ("kv", "hidden"), "self_attn.v_proj": ("kv", "hidden"),
+    "self_attn.o_proj": ("hidden", "q"), "mlp.gate_proj": ("ffn", "hidden"), "mlp.up_proj": ("ffn", "hidden"),
+    "mlp.down_proj": ("hidden", "ffn"),
 }
+
+LAYER_MAPS = {
+    "llama": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.RMS, LLAMA_GROUPS,
+                      LLAMA_SHAPES),
+    "inflm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS,
+                      LLAMA_SHAPES),
+    # INF-34B in transformers' StableLM layout (export.py): the same modules, names and LayerNorm (weight + bias)
+    "stablelm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS,
+                         LLAMA_SHAPES),
+}
+
+
+def config_dims(config: dict) -> dict[str, int]:
+    """The named dimensions of LayerMap.shapes, from config.json (head_dim defaults to hidden / heads)."""
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        return {"hidden": hidden, "ffn": int(config["intermediate_size"]), "q": heads * head_dim,
+                "kv": int(config.get("num_key_value_heads") or heads) * head_dim, "vocab": int(config["vocab_size"]),
+                "layers": int(config["num_hidden_layers"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json lacks or mangles {e} (hidden_size, intermediate_size, "
+                              "num_attention_heads, num_hidden_layers and vocab_size are needed)") from None
+
+
+def expected_tensors(lmap: LayerMap, config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the config implies, with its shape (lm_head only when the embeddings are not tied)."""
+    d = config_dims(config)
+    out = {f"{lmap.embed}.weight": (d["vocab"], d["hidden"])}
+    norm = ("weight", "bias") if lmap.norm is Norm.LAYER else ("weight",)
+    for i in range(d["layers"]):
+        p = lmap.block_prefix(i)
+        out.update({f"{p}{n}.weight": (d[o], d[k]) for n, (o, k) in lmap.shapes.items()})
+        out.update({f"{p}{n}.{w}": (d["hidden"],) for n in lmap.norms for w in norm})
+    out.update({f"{lmap.final_norm}.{w}": (d["hidden"],) for w in norm})
+    if not config.get("tie_word_embeddings", False):
+        out[f"{lmap.lm_head}.weight"] = (d["vocab"], d["hidden"])
+    return out
 
 
 def layer_map_for(model_type: str) -> LayerMap:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from . import __version__
 from .config import Method, Order, Recipe, to_dict
-from .errors import ConfigError
+from .errors import ConfigError, resumable
 from .load import safetensors_header
 from .memory import PeakMemory, gib
 from .paths import REPO_ROOT
@@ -30,18 +30,16 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 
 
-def default_dir(model_dir: Path, recipe: Recipe) -> Path:
-    g = "c" if recipe.group_size == -1 else recipe.group_size
-    return Path("out") / f"{model_dir.resolve().name}-{recipe.method.value}-w{recipe.bits}g{g}"
-
-
 def fingerprint(ctx) -> dict:
-    """What the output bytes depend on; a resumed run must match it exactly."""
+    """What the output bytes depend on; a resumed run must match it exactly. The model enters by content (sha256
+    of config.json and every shard), so a refreshed checkpoint of the same shapes does not resume into a mix."""
+    from .baseline import cache_root, checkpoint_sha256
+
     return {
         "recipe": public_recipe(ctx.recipe),
         "calibration_sha256": ctx.calib_sha256,
         "model_config": ctx.ckpt.config,
-        "model_files": {f: (ctx.ckpt.path / f).stat().st_size for f in ctx.ckpt.files},
+        "model_sha256": checkpoint_sha256(ctx.ckpt, cache_root("")),  # content, memoised by (path, size, mtime)
         "device": ctx.device.type,
         "dtype": str(ctx.dtype),
         "inf_quant": __version__,
@@ -90,6 +88,16 @@ def open_work_dir(ctx) -> WorkDir:
     work.path.mkdir(parents=True)
     write_json(state, {"fingerprint": fp})
     return work
+
+
+def abandon(work: WorkDir, e: BaseException) -> None:
+    """A run failed with e: keep its work directory for --resume if it can be resumed, else remove it (the note
+    the CLI prints says which). A previous output at the destination is never touched here."""
+    if resumable(e):
+        e.add_note(f"finished layers kept in {work.path}; rerun with --resume to continue")
+    elif work.path.exists():
+        shutil.rmtree(work.path, ignore_errors=True)
+        e.add_note(f"the unfinished run ({work.path.name}) was removed")
 
 
 def _block_leftovers(ctx, i: int, saved: set[str]) -> list[str]:
@@ -256,4 +264,4 @@ def publish(ctx, work: WorkDir, results: list, seconds: float, peak: PeakMemory)
                           tuple(results))
 
 
-__all__ = ["QuantizeReport", "default_dir", "open_work_dir", "publish", "to_dict"]
+__all__ = ["QuantizeReport", "open_work_dir", "publish", "to_dict"]

@@ -10,6 +10,7 @@ Finished layers are saved to a work directory, so `resume` rebuilds them from di
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,18 +20,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import output
+from . import output, preflight
 from .calibrate import calibration_files, document_ids, files_sha256, sample_windows
 from .config import Device, DType, Method, Recipe
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, resumable
 from .export import check_layout
 from .layermap import LayerMap
 from .load import Checkpoint, hf_config, load_block, load_named, open_checkpoint, rotary, skeleton
 from .memory import PeakMemory
-from .paths import DEFAULT_MODEL
+from .lock import output_lock
 from .qformat import from_tensors, to_tensors
 from .quant.gptq import accumulate_hessian, gptq_quantize
-from .quant.grid import resolve_group_size
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -76,44 +76,17 @@ def resolve_device(dev: Device, dtype: DType = DType.AUTO) -> tuple[torch.device
     return device, getattr(torch, dtype.value)
 
 
-def resolve_model_path(path: str) -> Path:
-    """'bundled' is the bundled default model; '' means the recipe left the model to the caller."""
-    if path == "bundled":
-        return DEFAULT_MODEL
-    if not path:
-        raise ConfigError("no model given: pass --model DIR (the recipe leaves model.path empty)")
-    return Path(path)
-
-
-def validate_shapes(ckpt: Checkpoint, lmap: LayerMap, recipe: Recipe) -> None:
-    """Every linear of every layer exists and fits the group size and packing, checked before any work."""
-    for i in range(ckpt.num_layers):
-        for name in lmap.linears:
-            full = f"{lmap.block_prefix(i)}{name}.weight"
-            if full not in ckpt.weight_map:
-                raise CheckpointError(f"{ckpt.path}: {full} is missing from the checkpoint")
-            n, k = ckpt.info(full).shape
-            resolve_group_size(k, recipe.group_size, full[: -len(".weight")])
-            if n % 8 or k % 8:
-                raise ConfigError(f"{full[:-7]}: shape [{n}, {k}] cannot be packed ({recipe.method.value} needs "
-                                  "out and in features divisible by 8); add the layer to 'skip'")
-
-
 def prepare(recipe: Recipe) -> Context:
-    model_dir = resolve_model_path(recipe.model.path)
+    """Pre-flight (preflight.for_quantize: paths, shards, disk, text), then the config, tokenizer and windows."""
+    plan = preflight.for_quantize(recipe)
+    model_dir, out_dir = plan.model_dir, plan.out_dir
     ckpt = open_checkpoint(model_dir, recipe.model.allow_pickle)
     lmap = ckpt.layer_map
     config = hf_config(ckpt, recipe.model.trust_remote_code)
-    validate_shapes(ckpt, lmap, recipe)
     check_layout(ckpt.config, recipe.output.serve_as, str(model_dir))
     device, dtype = resolve_device(recipe.run.device, recipe.run.dtype)
     max_pos = int(getattr(config, "max_position_embeddings", 2048))
     seqlen = recipe.calibration.seqlen or min(2048, max_pos)
-    if seqlen > max_pos:
-        raise ConfigError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings={max_pos}; use <= {max_pos}")
-    out_dir = Path(recipe.output.dir) if recipe.output.dir else output.default_dir(model_dir, recipe)
-    if out_dir.exists() and not recipe.output.force:
-        raise ConfigError(f"{out_dir} already exists; pass --force to replace it, or choose another --out")
     calib_files = calibration_files(recipe.calibration.source)
     sha = files_sha256(calib_files)
     if recipe.calibration.sha256 and sha != recipe.calibration.sha256:
@@ -125,6 +98,9 @@ def prepare(recipe: Recipe) -> Context:
     if top >= config.vocab_size:
         raise CheckpointError(f"{model_dir}: the tokenizer produces id {top} but the model's "
                               f"vocab_size is {config.vocab_size}; the tokenizer files do not belong to this model")
+    log.info("calibration: %d documents, %d tokens; %d windows of %d tokens; output about %.2f GB, peak disk "
+             "about %.2f GB", len(docs), sum(map(len, docs)), recipe.calibration.samples, seqlen,
+             plan.output_bytes / 1e9, plan.disk_bytes / 1e9)
     ids = sample_windows(docs, recipe.calibration.samples, seqlen, recipe.calibration.seed)
     return Context(recipe, model_dir, ckpt, config, lmap, device, dtype, ids, sha, out_dir)
 
@@ -222,7 +198,18 @@ def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None
     """Quantize recipe.model with recipe.method into recipe.output.dir (atomically). See module docstring."""
     t0 = time.monotonic()
     ctx = prepare(recipe)
-    work = output.open_work_dir(ctx)
+    with output_lock(ctx.out_dir):
+        work = output.open_work_dir(ctx)
+        try:
+            results, peak = _layers(ctx, work, progress)
+            return output.publish(ctx, work, results, time.monotonic() - t0, peak)
+        except BaseException as e:
+            output.abandon(work, e)
+            raise
+
+
+def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerResult], PeakMemory]:
+    recipe = ctx.recipe
     peak = PeakMemory(ctx.device)
     skel = skeleton(ctx.config)
     rope_mod = rotary(ctx.config, ctx.device)
@@ -243,8 +230,6 @@ def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None
                 tensors, losses, notes, scales = quantize_layer(ctx, block, i, hidden, rope)
                 work.save_layer(i, tensors, ctx)
                 resumed = False
-            for note in notes:
-                log.warning("layer %d: %s", i, note)
             hidden = forward_all(block, hidden, rope, recipe.run.forward_batch)
             del block
             rss, vram = peak.read()
@@ -252,11 +237,34 @@ def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None
             if progress:
                 progress(results[-1], ctx.ckpt.num_layers)
         del hidden
+    for line in summarize_notes([n for r in results for n in r.notes]):
+        log.warning(line)
     if any(r.scales for r in results):
         from .awq_block import scale_summary
 
         log.info("AWQ scales: %s", scale_summary([r.scales for r in results if r.scales]))
-    return output.publish(ctx, work, results, time.monotonic() - t0, peak)
+    return results, peak
+
+
+def summarize_notes(notes: list[str]) -> list[str]:
+    """Per-layer adjustments, one line per kind: 'model.layers.*.x: what (in 48 layers: 0-47)'."""
+    kinds: dict[str, list[int]] = {}
+    for n in notes:
+        m = re.search(r"\.layers\.(\d+)\.", n)
+        key = re.sub(r"\.layers\.\d+\.", ".layers.*.", n) if m else n
+        kinds.setdefault(key, []).append(int(m.group(1)) if m else -1)
+    return [f"{k} (in {len(v)} layer{'s' * (len(v) > 1)}: {_ranges(v)})" if v[0] >= 0 else k
+            for k, v in kinds.items()]
+
+
+def _ranges(idx: list[int]) -> str:
+    idx, out = sorted(set(idx)), []
+    for i in idx:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
 
 
 __all__ = ["quantize", "prepare", "LayerResult", "Context"]

@@ -24,10 +24,13 @@ from . import __version__
 from .baseline import cache_root, checkpoint_sha256
 from .calibrate import file_sha256
 from .config import Layout, Recipe, load_recipe
-from .errors import ConfigError
+from . import preflight
+from .errors import ConfigError, resumable
+from .lock import output_lock
 from .load import open_checkpoint
 from .output import git_commit, public_recipe, replace_dir
-from .pipeline import quantize, resolve_model_path
+from .paths import resolve_model_path
+from .pipeline import quantize
 from .verify import verify, versions
 from .write import write_json
 
@@ -108,24 +111,64 @@ def _variant_entry(recipe: Recipe, data: dict, vdir: Path) -> dict:
 
 def release(recipes_dir: str | Path, out: str | Path, model: str | None = None, only: tuple[str, ...] = (),
             resume: bool = False, force: bool = False, progress=None, serve_as: Layout | None = None) -> ReleaseReport:
-    """serve_as, when given, overrides every recipe's output.serve_as."""
+    """serve_as, when given, overrides every recipe's output.serve_as. With `only`, the other variants of an
+    existing manifest are kept in it (and in --check); on resume a published variant is kept only if its recipe
+    is the one it was built from."""
     recipes_dir, out = Path(recipes_dir), Path(out)
     recipes = [_with_model(r, model, serve_as) for r in load_recipes(recipes_dir, only)]
+    out = preflight.for_release(recipes, str(out))
     existing = [r.name for r in recipes if (out / r.name).exists()]
     if existing and not (resume or force):
         raise ConfigError(f"{out}: variants {', '.join(existing)} already exist; pass --resume to continue a "
                           "release or --force to rebuild them")
-    staging = out / ".staging"
-    staging.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        staging = out / ".staging"
+        created = not out.exists()
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            return _release(recipes, out, staging, only, resume, force, progress)
+        except BaseException as e:
+            if not resumable(e):
+                shutil.rmtree(staging, ignore_errors=True)
+                if created and out.is_dir() and not any(out.iterdir()):
+                    out.rmdir()
+                e.add_note("the unfinished variant in .staging was removed")
+            else:
+                e.add_note(f"unfinished work kept in {staging}; rerun with --resume to continue")
+            raise
+
+
+def _built_from(vdir: Path) -> dict | None:
+    """The resolved recipe a published variant records in its inf_quant.json (None if unreadable)."""
+    try:
+        return json.loads((vdir / "inf_quant.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _previous_manifest(out: Path) -> dict:
+    mf = out / MANIFEST
+    if not mf.is_file():
+        return {}
+    try:
+        return json.loads(mf.read_text())
+    except ValueError:
+        raise ConfigError(f"{mf}: not valid JSON; restore it, or move it away to start the manifest afresh") from None
+
+
+def _release(recipes, out: Path, staging: Path, only, resume: bool, force: bool, progress) -> ReleaseReport:
+    previous = _previous_manifest(out)
     inputs, variants, passed, failed = {}, {}, [], {}
     for r in recipes:
         mdir = resolve_model_path(r.model.path)
         inputs[mdir.name] = checkpoint_sha256(open_checkpoint(mdir), cache_root(r.verify.cache_dir))
         final = out / r.name
-        if resume and not force and (final / "verify.json").is_file():
-            log.info("%s: already published, keeping it", r.name)
+        if resume and not force and (final / "verify.json").is_file() and _built_from(final) == public_recipe(r):
+            log.info("%s: already published from this recipe, keeping it", r.name)
             data = json.loads((final / "verify.json").read_text())
         else:
+            if resume and (final / "verify.json").is_file():
+                log.info("%s: published from a different recipe: rebuilding it", r.name)
             log.info("%s: quantize -> verify", r.name)
             data = _build(r, staging, resume, progress)
             if data["passed"]:
@@ -138,8 +181,13 @@ def release(recipes_dir: str | Path, out: str | Path, model: str | None = None, 
             variants[r.name] = _variant_entry(r, data, final)
         else:
             failed[r.name] = _failures(data)
+    if only:  # merge: the variants not rebuilt now stay in the manifest as they were
+        built = {r.name for r in recipes}
+        variants = {**{k: v for k, v in previous.get("variants", {}).items() if k not in built}, **variants}
+        failed = {**{k: v for k, v in previous.get("rejected", {}).items() if k not in built}, **failed}
+        inputs = {**previous.get("input_models_sha256", {}), **inputs}
     manifest = {"format": 1, "inf_quant": __version__, "git_commit": git_commit(), "versions": versions(),
-                "input_models_sha256": dict(sorted(inputs.items())), "variants": variants,
+                "input_models_sha256": dict(sorted(inputs.items())), "variants": dict(sorted(variants.items())),
                 "rejected": dict(sorted(failed.items()))}
     tmp = out / f".{MANIFEST}.tmp"
     write_json(tmp, manifest)
@@ -154,9 +202,14 @@ def check(release_dir: str | Path) -> list[str]:
     mf = d / MANIFEST
     if not mf.is_file():
         raise ConfigError(f"{d}: no {MANIFEST}; is this a release directory written by `inf-quant release`?")
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text())
+        entries = manifest["variants"].items()
+    except (ValueError, KeyError, AttributeError):
+        raise ConfigError(f"{mf}: not a valid manifest (not JSON, or no 'variants'); restore it from the "
+                          "release") from None
     problems = []
-    for name, v in manifest["variants"].items():
+    for name, v in entries:
         vdir = d / name
         for fname, want in v["files"].items():
             p = vdir / fname

@@ -26,7 +26,8 @@ from .export import architecture
 from .fit import fit_checkpoint
 from .load import open_checkpoint
 from .metrics import kl_topk, summarize, top1_agreement
-from .pipeline import resolve_device, resolve_model_path
+from .paths import resolve_model_path
+from .pipeline import resolve_device
 from .tokenizer import load_tokenizer
 from .write import write_json
 

@@ -1,0 +1,337 @@
+"""Pre-flight: every input and output of a command checked in the first second, before torch is imported or any
+heavy work starts. Each failure is one ConfigError/CheckpointError line naming the object and the fix.
+
+What is checked (the catalogue in docs/ERRORS.md has a test for each):
+  paths     every path resolved (symlinks too); the output never equal to, inside, or containing an input; the
+            output not a file; the output's nearest existing parent a writable directory
+  shards    config.json parses; every shard's safetensors header parses, its tensors' byte ranges lie inside the
+            file (a truncated download is caught here) and match dtype x shape; the index names only tensors its
+            shards hold; every tensor the config implies is present with its shape (bf16 inputs)
+  disk      free space >= the run's peak use on the output's file system x 1.1 (+ 64 MiB): the work directory's
+            finished layers plus the assembled output (estimate_output_bytes)
+  text      calibration / eval files are UTF-8, non-empty, records well-formed (tokens are counted after the
+            tokenizer loads, still before the first layer)
+Nothing here imports torch, transformers or safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError, ConfigError
+from .layermap import LayerMap, expected_tensors, layer_map_for
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.pt", "pytorch_model.pt")
+ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
+            "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER = 100 * 2**20   # the safetensors reference's own limit
+DISK_MARGIN = 1.1
+DISK_SLACK = 64 * 2**20
+REDOWNLOAD = "the file is damaged or truncated; re-download or re-copy it"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = ITEMSIZE[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    path: Path                  # resolved
+    config: dict
+    tensors: dict[str, Tensor]  # every tensor of every shard (empty for pickle checkpoints: not inspected)
+    weight_map: dict[str, str]
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def read_header(path: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors from its header, checked against the file's length (nothing else is read)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file {size} bytes); "
+                                      + REDOWNLOAD)
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+        assert isinstance(header, dict)
+    except (ValueError, AssertionError):
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON; {REDOWNLOAD}") from None
+    payload, out = size - 8 - n, {}
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            t = Tensor(v["dtype"], tuple(int(d) for d in v["shape"]))
+            begin, end = (int(o) for o in v["data_offsets"])
+            ok = t.dtype in ITEMSIZE and all(d >= 0 for d in t.shape) and end - begin == t.nbytes and begin >= 0
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {v}; {REDOWNLOAD}")
+        if end > payload:
+            raise CheckpointError(f"{path}: tensor {name} needs bytes up to {end + 8 + n:,} but the file has "
+                                  f"{size:,}; {REDOWNLOAD}")
+        out[name] = t
+    return out
+
+
+def _json_file(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({e}); restore the file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object; restore the file")
+    return data
+
+
+def check_checkpoint(path: str | Path, allow_pickle: bool = False, bf16_input: bool = True,
+                     what: str = "checkpoint") -> CheckedCheckpoint:
+    """config.json, index and every shard header of a checkpoint directory (see module docstring).
+    bf16_input: also require every tensor the config implies, with its shape (a quantized checkpoint has others)."""
+    p = resolved(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: {what} is not a directory; pass a checkpoint directory holding config.json")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{path}: config.json is missing; this does not look like a transformers checkpoint")
+    config = _json_file(p / "config.json", "config.json")
+    if (p / SAFE_INDEX).is_file():
+        wm = _json_file(p / SAFE_INDEX, SAFE_INDEX).get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise CheckpointError(f"{p / SAFE_INDEX}: no 'weight_map' of tensor name -> shard file; restore the file")
+    elif (p / SAFE_SINGLE).is_file():
+        wm = None
+    else:
+        pickles = [n for n in PICKLES if (p / n).is_file()]
+        if not pickles:
+            raise CheckpointError(f"{path}: no {SAFE_INDEX} or {SAFE_SINGLE} found")
+        if not allow_pickle:
+            raise CheckpointError(f"{path}: weights are torch pickle files ({pickles[0]}), which can execute code "
+                                  "when loaded; convert them to safetensors or pass --allow-pickle if you trust "
+                                  "the source")
+        return CheckedCheckpoint(p, config, {}, {})
+    files = sorted(set(wm.values())) if wm is not None else [SAFE_SINGLE]
+    missing = [f for f in files if not (p / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: the index names shard files that are missing: {', '.join(missing)}")
+    tensors, where = {}, {}
+    for f in files:
+        for name, t in read_header(p / f).items():
+            tensors[name], where[name] = t, f
+    if wm is None:
+        wm = where
+    absent = [n for n, f in wm.items() if where.get(n) != f]
+    if absent:
+        raise CheckpointError(f"{p / SAFE_INDEX} names {len(absent)} tensor(s) that are not in the shard it gives, "
+                              f"e.g. {absent[0]} in {wm[absent[0]]}; restore the index or the shard")
+    ck = CheckedCheckpoint(p, config, tensors, wm)
+    if bf16_input:
+        check_tensors(ck, layer_map_for(config.get("model_type", "")))
+    return ck
+
+
+def check_tensors(ck: CheckedCheckpoint, lmap: LayerMap) -> None:
+    """Every tensor the config implies is present with the implied shape."""
+    if not ck.tensors:
+        return
+    for name, shape in expected_tensors(lmap, ck.config).items():
+        t = ck.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{ck.path}: tensor {name} is missing (config.json implies it); the checkpoint "
+                                  "is incomplete or does not match its config.json")
+        if t.shape != shape:
+            raise CheckpointError(f"{ck.path}: {name} has shape {list(t.shape)}, config.json implies {list(shape)}; "
+                                  "the checkpoint does not match its config.json")
+
+
+def check_output(out: str | Path, inputs: dict[str, Path], force: bool, resume: bool = False,
+                 what: str = "--out") -> Path:
+    """The resolved output directory: not an input, not inside or around one, not a file, its parent writable,
+    not already there unless force/resume."""
+    o = resolved(out)
+    for label, inp in inputs.items():
+        i = resolved(inp)
+        if o == i:
+            raise ConfigError(f"{what} {out} is the {label} itself; writing there would destroy it: choose "
+                              "another output directory")
+        if o.is_relative_to(i) and i.is_dir():
+            raise ConfigError(f"{what} {out} lies inside the {label} {inp}; choose an output directory outside it")
+        if i.is_relative_to(o):
+            raise ConfigError(f"{what} {out} contains the {label} {inp}; replacing it would destroy the input: "
+                              "choose another output directory")
+    if o.exists() and not o.is_dir():
+        raise ConfigError(f"{what} {out} is a file, not a directory; remove it or choose another output directory")
+    if o.exists() and not (force or resume):
+        raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another {what}")
+    parent = o.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {out}: {parent} is a file, not a directory; choose another output directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {out}: {parent} is not writable (read-only or no permission); choose an output "
+                          "directory you can write")
+    return o
+
+
+def check_disk(out: Path, need: int, what: str) -> None:
+    """Free space on out's file system >= need x DISK_MARGIN + DISK_SLACK."""
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    want = int(need * DISK_MARGIN) + DISK_SLACK
+    if free < want:
+        raise ConfigError(f"{out}: {what} needs about {want / 1e9:.2f} GB free on {parent}'s file system "
+                          f"({need / 1e9:.2f} GB estimated x {DISK_MARGIN} + 64 MiB), {free / 1e9:.2f} GB is free; "
+                          "free space or choose --out on another disk")
+
+
+def estimate_output_bytes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, bits: int,
+                          group_size: int) -> tuple[int, int]:
+    """(bytes of the quantized checkpoint's tensors, bytes of its quantized linears alone): codes bits/8 per weight,
+    fp16 scales and packed zeros per group, int32 g_idx per column (GPTQ); other tensors as stored."""
+    linears = {f"{lmap.block_prefix(i)}{n}.weight" for i in range(int(ck.config["num_hidden_layers"]))
+               for n in lmap.linears}
+    quant = other = 0
+    for name, t in ck.tensors.items():
+        if name not in linears:
+            other += t.nbytes
+            continue
+        n, k = t.shape
+        groups = 1 if group_size == -1 else k // group_size
+        quant += n * k * bits // 8 + groups * n * 2 + groups * n * bits // 8 + (4 * k if method == "gptq" else 0)
+    return other + quant, quant
+
+
+def check_group_sizes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, group_size: int, skip=()) -> None:
+    """Every quantized linear's in_features divides by the group size, and both dims pack into int32 words."""
+    for i in range(int(ck.config["num_hidden_layers"])):
+        for name in lmap.linears:
+            full = f"{lmap.block_prefix(i)}{name}"
+            t = ck.tensors.get(f"{full}.weight")
+            if t is None or full in skip:
+                continue
+            n, k = t.shape
+            if group_size != -1 and k % group_size:
+                fits = [g for g in (16, 32, 64, 128, 256, 512, 1024) if k % g == 0]
+                hint = f"use {', '.join(map(str, fits))} or -1" if fits else "use -1 (per-channel)"
+                raise ConfigError(f"{full}: in_features={k} is not divisible by group_size={group_size}; {hint}, "
+                                  "or add the layer to 'skip'")
+            if n % 8 or k % 8:
+                raise ConfigError(f"{full}: shape [{n}, {k}] cannot be packed ({method} needs out and in features "
+                                  "divisible by 8); add the layer to 'skip'")
+
+
+@dataclass(frozen=True)
+class QuantizePlan:
+    model_dir: Path
+    checkpoint: CheckedCheckpoint
+    out_dir: Path
+    output_bytes: int   # estimated size of the written checkpoint
+    disk_bytes: int     # estimated peak disk use of the run (work layers + assembled output)
+
+
+def _calib_files(source: str) -> tuple[tuple[Path, ...], bool]:
+    from .calibrate import MIXES, calibration_files
+
+    return calibration_files(source), source not in MIXES
+
+
+def for_quantize(recipe) -> QuantizePlan:
+    """Everything a gptq/awq run needs checked before it starts (module docstring)."""
+    from .paths import default_out_dir, resolve_model_path
+    from .calibrate import check_text_file
+
+    model_dir = resolve_model_path(recipe.model.path)
+    ck = check_checkpoint(model_dir, recipe.model.allow_pickle, what="--model")
+    lmap = layer_map_for(ck.config.get("model_type", ""))
+    check_group_sizes(ck, lmap, recipe.method.value, recipe.group_size)
+    max_pos = int(ck.config.get("max_position_embeddings") or 2048)
+    if recipe.calibration.seqlen > max_pos:
+        raise ConfigError(f"--seqlen {recipe.calibration.seqlen} exceeds the model's max_position_embeddings="
+                          f"{max_pos}; use <= {max_pos}")
+    files, user = _calib_files(recipe.calibration.source)
+    for f in files:
+        check_text_file(f, "calibration file", chat=True)
+    out = Path(recipe.output.dir) if recipe.output.dir else default_out_dir(model_dir, recipe)
+    inputs = {"input model": model_dir, **({"calibration file": files[0]} if user else {})}
+    o = check_output(out, inputs, recipe.output.force, recipe.output.resume)
+    total, quant = estimate_output_bytes(ck, lmap, recipe.method.value, recipe.bits, recipe.group_size)
+    if ck.tensors:
+        check_disk(o, total + quant, "the quantization")
+    return QuantizePlan(model_dir, ck, out, total, total + quant)
+
+
+def for_verify(cfg) -> None:
+    """verify: the quantized checkpoint and its baseline parse, the eval text is usable."""
+    from .calibrate import check_text_file, resolve_text_file
+    from .paths import resolve_model_path
+
+    q = check_checkpoint(cfg.quantized, bf16_input=False, what="quantized checkpoint")
+    if "quantization_config" not in q.config:
+        raise CheckpointError(f"{cfg.quantized}: config.json has no quantization_config; this is not a quantized "
+                              "checkpoint")
+    b = check_checkpoint(resolve_model_path(cfg.baseline), bf16_input=False, what="--baseline")
+    if "quantization_config" in b.config:
+        raise CheckpointError(f"{cfg.baseline}: the baseline is itself quantized; pass the bf16 source checkpoint")
+    check_tensors(b, layer_map_for(b.config.get("model_type", "")))
+    check_text_file(resolve_text_file(cfg.eval), "eval file", chat=False)
+    if cfg.report_dir:
+        check_output(cfg.report_dir, {"baseline": resolve_model_path(cfg.baseline)}, force=True, what="--report")
+
+
+def for_export(src: str, out: str, force: bool) -> Path:
+    check_checkpoint(src, bf16_input=False, what="source checkpoint")
+    return check_output(out, {"source checkpoint": Path(src)}, force)
+
+
+def for_release(recipes: list, out: str) -> Path:
+    """release: every recipe's model and calibration, and the release directory (which may exist: --resume)."""
+    from .calibrate import check_text_file
+    from .paths import resolve_model_path
+
+    inputs, seen = {}, set()
+    for r in recipes:
+        mdir = resolve_model_path(r.model.path)
+        if mdir not in seen:
+            seen.add(mdir)
+            ck = check_checkpoint(mdir, r.model.allow_pickle, what=f"recipe {r.name}: model")
+            check_group_sizes(ck, layer_map_for(ck.config.get("model_type", "")), r.method.value, r.group_size)
+        inputs[f"recipe {r.name}'s model"] = mdir
+        files, user = _calib_files(r.calibration.source)
+        for f in files:
+            check_text_file(f, f"recipe {r.name}: calibration file", chat=True)
+        if user:
+            inputs[f"recipe {r.name}'s calibration file"] = files[0]
+    return check_output(out, inputs, force=True, what="--out")
