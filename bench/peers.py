@@ -2,6 +2,7 @@
 
     python bench/peers.py [--configs gptq4-g64 gptq4-g32 gptq8-g64 awq4-g64] [--repeat 2]
                           [--samples 16] [--seqlen 512] [--eval-windows 24] [--ours NAME="EXTRA CLI ARGS" ...]
+                          [--tree NAME=CHECKOUT_DIR ...]
 
 Both tools quantize the same bf16 checkpoint (bench/smollm2.py) from the same calibration token ids: inf-quant's
 own windows of the bundled calibration set (`prepare(recipe).ids`), handed to GPTQModel as `input_ids`. Every
@@ -53,7 +54,7 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def _measured(cmd: list[str], log: Path, timeout: float) -> dict:
+def _measured(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> dict:
     """Run cmd in a fresh process; wall and CPU seconds from os.wait4, peak RSS from VmHWM polled every 0.2 s
     (a high-water mark, so polling misses nothing but the last 0.2 s). A run still going after `timeout` wall
     seconds is killed and recorded as not finished (with the CPU seconds it had used)."""
@@ -61,7 +62,8 @@ def _measured(cmd: list[str], log: Path, timeout: float) -> dict:
     peak = 0
     with open(log, "w") as f:
         # cwd: GPTQModel writes a logs/ folder into the working directory
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENV}, cwd=log.parent)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENV, **(env or {})},
+                             cwd=log.parent)
         while True:
             peak = max(peak, _hwm(p.pid))
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -147,7 +149,10 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--tools", nargs="+", default=["inf-quant", "gptqmodel"])
     ap.add_argument("--ours", nargs="*", default=[], metavar='NAME="ARGS"',
-                    help="extra inf-quant variants (extra CLI args), e.g. damp05=\"--damp 0.05\"")
+                    help="extra inf-quant variants (extra CLI args), e.g. damp05=\"--damp 0.05\"; "
+                         "AWQ variants start with 'awq:', e.g. awqgptq=\"awq: --solve gptq\"")
+    ap.add_argument("--tree", nargs="*", default=[], metavar="NAME=DIR",
+                    help="also run inf-quant from another checkout (e.g. a git worktree of an older commit)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -176,13 +181,16 @@ def main() -> None:
     torch.save(ids, ids_file)
     tools = {t: [] for t in a.tools}
     tools.update({f"inf-quant {n}": shlex.split(v) for n, v in (o.split("=", 1) for o in a.ours)})
+    trees = {f"inf-quant {n}": str(Path(v).resolve()) for n, v in (o.split("=", 1) for o in a.tree)}
+    tools.update({n: [] for n in trees})
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(a.repeat):
         for config in a.configs:
             method, bits, group = CONFIGS[config]
             for tool, extra in tools.items():
-                if method == "awq" and tool != "gptqmodel" and extra:
-                    continue
+                if tool != "gptqmodel" and extra and (extra[0] == "awq:") != (method == "awq"):
+                    continue  # an --ours variant is for GPTQ unless its args start with "awq:"
+                extra = extra[1:] if extra and extra[0] == "awq:" else extra
                 out = root / f"{tool.replace(' ', '-')}-{config}-{rep}"
                 log = out.with_suffix(".log")
                 if tool == "gptqmodel":
@@ -191,13 +199,15 @@ def main() -> None:
                     cmd = [sys.executable, "-m", "inf_quant", method, "--model", model, "--out", str(out), "--force",
                            "-q", "--samples", str(a.samples), "--seqlen", str(a.seqlen), "--group-size", str(group),
                            "--device", "cpu", *(["--bits", str(bits)] if method == "gptq" else []), *extra]
-                r = _measured(cmd, log, a.timeout)
+                r = _measured(cmd, log, a.timeout, {"PYTHONPATH": trees[tool]} if tool in trees else {})
                 r.update(size_bytes=_du(out), out=str(out))
                 runs.setdefault((tool, config), []).append(r)
                 print(f"[{rep}] {tool} {config}: {r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} CPU-s, "
                       f"{r['peak_rss_gib']:.2f} GiB{'' if r['finished'] else ', NOT FINISHED (timeout)'}", flush=True)
 
     from transformers import AutoModelForCausalLM
+
+    from inf_quant.report import signed_pct
 
     windows = eval_windows(model, a.seqlen, a.eval_windows)
     base, ref = _scores(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), windows)
@@ -240,7 +250,7 @@ def main() -> None:
             continue
         t = (f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | {r['size_bytes'] / 1e6:.1f}"
              if "wall_s" in r else "| | |")
-        print(f"| {r['config']} | {r['tool']} | {r['ppl']:.3f} | {r['ppl_rise_pct']:+.1f} % | {r['kl']:.4f} | "
+        print(f"| {r['config']} | {r['tool']} | {r['ppl']:.3f} | {signed_pct(r['ppl_rise_pct'], 1)} | {r['kl']:.4f} | "
               f"{100 * r['top1']:.1f} % | {t} |")
 
 

@@ -1,4 +1,5 @@
-"""AWQ for one decoder layer (Lin et al. 2023, in AutoAWQ's order of operations), on the block loop of pipeline.py.
+"""AWQ for one decoder layer (Lin et al. 2023; scales in AutoAWQ's order of operations), on the block loop of
+pipeline.py.
 
 Per layer, in this order:
 
@@ -13,9 +14,14 @@ Per layer, in this order:
    candidate s by the MSE of that module's output, run on the n whole sequences, against its output with the
    current weights; the other groups score the linears' own outputs. The best s is folded into `input_from`
    (a norm: weight AND bias for LayerNorm; a linear: its output rows, only where shapes allow).
-3. Clip and quantize, linear by linear: the clip threshold is searched on the group's scaled input (skipped for
-   the group's `no_clip` linears, q/k), applied, the weight quantized on AWQ's asymmetric grid, and the block's
-   weight replaced by its dequantized value.
+3. Quantize, by awq.solve:
+   - `gptq` (default): with every scale folded (norms rounded to the checkpoint's bf16 first, as written), the
+     layer is quantized by pipeline.gptq_block on the AWQ grid (asymmetric, AWQ's group size, group-aware order,
+     so groups stay i // G as the gemm format needs) -- true sequential: each group's Hessian comes from all S
+     samples run through the earlier groups already quantized. Written in the same AWQ gemm format.
+   - `rtn` (AutoAWQ's): linear by linear, the clip threshold is searched on the group's scaled input (skipped
+     for the group's `no_clip` linears, q/k), applied, and the weight rounded to nearest on AWQ's grid.
+   Either way the block's weights are replaced by their dequantized values.
 
 The block ends with the dequantized weights and folded norms; pipeline.forward_all then runs it on all S samples,
 so layer i+1 is calibrated on this quantized layer's outputs. Extra memory per layer: the captured inputs,
@@ -32,7 +38,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .config import Method
+from .config import Method, WeightSolve
 from .qformat import from_tensors, to_tensors
 from .quant.awq import (apply_clip, awq_quantize, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
                         scale_linear_inputs, search_clip, search_scale)
@@ -146,6 +152,8 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     Returns (checkpoint tensors, per-linear clip loss, notes, chosen scale per group: label -> (form, alpha), or
     ("none", 0.0) where no scale could be folded).
     """
+    from .pipeline import gptq_block, keep_bf16
+
     cfg, prefix, groups, batch = ctx.recipe.awq, ctx.lmap.block_prefix(i), ctx.lmap.groups, ctx.recipe.run.forward_batch
     head_dim = getattr(ctx.config, "head_dim", None) or ctx.config.hidden_size // ctx.config.num_attention_heads
     idx = search_samples(hidden.shape[0], hidden.shape[1], cfg.search_tokens).to(hidden.device)
@@ -155,19 +163,32 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     for gi, group in enumerate(groups):
         xs[gi], res = _fold(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, head_dim, notes)
         scales[group_label(group)] = (res.form, res.alpha) if res else ("none", 0.0)
+    if cfg.solve is WeightSolve.GPTQ:  # the scaled layer, quantized by GPTQ group by group (true sequential)
+        del xs
+        folded = _with_folded_norms(ctx, block, prefix, {})  # rounded to bf16 first: GPTQ sees what is written
+        tensors, losses, gnotes = gptq_block(ctx, block, i, hidden, rope, cfg.gptq(), Method.AWQ)
+        return {**tensors, **folded}, losses, notes + gnotes, scales
     no_clip = replace(cfg, clip_max_shrink=0.0)  # only ratio 1: nothing clipped, the same loss reported
     tensors, losses = {}, {}
     for group, x in zip(groups, xs):
         x = x.reshape(-1, x.shape[-1])
         for name in group.names:
             mod = block.get_submodule(name)
+            if prefix + name in ctx.skip:  # left in bf16, with the group's scale folded in
+                tensors[f"{prefix}{name}.weight"] = keep_bf16(ctx, mod, f"{prefix}{name}.weight")
+                continue
             clip = search_clip(x, mod.weight.float(), no_clip if name in group.no_clip else cfg)
             q = awq_quantize(apply_clip(mod.weight.float(), clip), cfg)
             t = to_tensors(q, Method.AWQ, prefix + name)
             tensors.update({f"{prefix}{name}.{k}": v for k, v in t.items()})
             mod.weight.data = from_tensors(t, Method.AWQ, cfg.bits, mod.in_features).to(mod.weight)
             losses[name] = clip.loss
-    for group in groups:  # folded norms (and any other non-quantized module a scale went into) are saved
+    return _with_folded_norms(ctx, block, prefix, tensors), losses, notes, scales
+
+
+def _with_folded_norms(ctx, block: nn.Module, prefix: str, tensors: dict) -> dict:
+    """tensors plus the folded norms (and any other non-quantized module a scale went into)."""
+    for group in ctx.lmap.groups:
         prev = block.get_submodule(group.input_from)
         if not isinstance(prev, nn.Linear):
             for pname, p in prev.named_parameters():
@@ -175,7 +196,7 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
                 stored = p.detach().to(ctx.ckpt.info(full).dtype).cpu()  # the checkpoint's dtype (bf16)
                 tensors[full] = stored
                 p.data = stored.to(p)  # propagate with exactly what is written (a resumed run reads it back)
-    return tensors, losses, notes, scales
+    return tensors
 
 
 def scale_summary(per_layer: list[dict]) -> str:

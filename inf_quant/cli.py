@@ -49,6 +49,9 @@ def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
                    help="forward compute dtype (default auto: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--forward-batch", type=int, help="calibration samples per forward chunk (default 4)")
+    p.add_argument("--skip", nargs="+", metavar="MODULE",
+                   help="linears left in bf16: 'mlp.down_proj' (every layer) or, awq only, "
+                        "'model.layers.0.mlp.down_proj'")
     p.add_argument("--shard-gb", type=float, help="max safetensors shard size in GB (default 5)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("awq", help="AWQ 4-bit quantization (gemm format)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _quant_args(a, (4,))
+    a.add_argument("--solve", choices=["rtn", "gptq"],
+                   help="after the scales: gptq (default) = a GPTQ solve of the scaled weights, same AWQ gemm "
+                        "format; rtn = AutoAWQ's clip search + round to nearest")
     v = sub.add_parser("verify", help="accuracy and VRAM gates of a quantized checkpoint against its bf16 baseline",
                        description="Exit 0: every gate passed; 1: a gate failed (named); 2: bad input.")
     v.add_argument("quantized", help="the quantized checkpoint directory")
@@ -157,10 +163,12 @@ def _given(**kw) -> dict:
 
 def recipe_from_args(args: argparse.Namespace):
     from .config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
-                         OutputConfig, Recipe, RunConfig)
+                         OutputConfig, Recipe, RunConfig, WeightSolve)
 
     method = Method(args.command)
     q = _given(bits=args.bits, group_size=args.group_size)
+    if method is Method.AWQ:
+        q.update(_given(solve=WeightSolve(args.solve) if args.solve else None))
     if method is Method.GPTQ:
         q.update(_given(sym=args.sym, order=Order(args.order) if args.order else None,
                         static_groups=args.static_groups, damp=args.damp, clip_steps=args.clip_steps))
@@ -173,6 +181,7 @@ def recipe_from_args(args: argparse.Namespace):
         awq=AWQConfig(**q) if method is Method.AWQ else AWQConfig(),
         run=RunConfig(**_given(device=Device(args.device) if args.device else None,
                              dtype=DType(args.dtype) if args.dtype else None, forward_batch=args.forward_batch)),
+        skip=tuple(args.skip or ()),
         output=OutputConfig(**_given(dir=args.out, shard_gb=args.shard_gb,
                                      serve_as=Layout(args.serve_as) if args.serve_as else None),
                             force=args.force, resume=args.resume),

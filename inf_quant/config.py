@@ -62,6 +62,13 @@ class ScaleForms(Enum):
     BOTH = "both"    # both forms; the better one is kept per group
 
 
+class WeightSolve(Enum):
+    """How AWQ turns its scaled weights into codes."""
+
+    RTN = "rtn"    # AutoAWQ: per-group clip search, then round to nearest
+    GPTQ = "gptq"  # a GPTQ solve on the scaled weights (asymmetric, group-aware order, range search): same format
+
+
 @dataclass(frozen=True)
 class AWQConfig:
     bits: int = 4
@@ -74,6 +81,11 @@ class AWQConfig:
     search_tokens: int = 16384  # tokens for the scale search: max(1, this // T) whole samples, evenly spaced
     scale_forms: ScaleForms = ScaleForms.PLAIN  # duo measured no better on SmolLM2-135M at 1.8x the cost
     coarse_step: int = 2        # per form: every k-th alpha, then the k-1 on each side of the best; 1 = all (AutoAWQ)
+    solve: WeightSolve = WeightSolve.GPTQ  # after the scales: a GPTQ solve (measured best), or AutoAWQ's clip + round
+
+    def gptq(self) -> "GPTQConfig":
+        """The GPTQ settings of solve=gptq: this grid (asymmetric, the AWQ group size), GPTQ's other defaults."""
+        return GPTQConfig(bits=self.bits, group_size=self.group_size, sym=False)
 
     def __post_init__(self):
         if self.bits != 4:
@@ -163,7 +175,8 @@ def to_dict(obj) -> dict:
     out = {}
     for f in fields(obj):
         v = getattr(obj, f.name)
-        out[f.name] = to_dict(v) if is_dataclass(v) else v.value if isinstance(v, Enum) else v
+        out[f.name] = (to_dict(v) if is_dataclass(v) else v.value if isinstance(v, Enum) else
+                       list(v) if isinstance(v, tuple) else v)
     return out
 
 
@@ -218,6 +231,14 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)  # gates and VRAM budget used by `release`
+    # linears left in bf16: a layer-relative name ("mlp.down_proj": in every layer) or, AWQ only, one layer's
+    # ("model.layers.0.mlp.down_proj"); resolved and checked against the layer map by preflight.resolve_skip
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        bad = [s for s in self.skip if not isinstance(s, str) or not s.strip() or s != s.strip()]
+        if bad:
+            raise ConfigError(f"skip: entries must be module names, got {bad[0]!r}")
 
     @property
     def bits(self) -> int:
@@ -243,6 +264,10 @@ def _coerce(t, v, where: str):
             return t(v)
         except ValueError:
             raise ConfigError(f"{where}: {v!r} is not one of {', '.join(repr(m.value) for m in t)}") from None
+    if typing.get_origin(t) is tuple:
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{where}: expected a list of strings, got {v!r}")
+        return tuple(v)
     ok = {bool: lambda x: isinstance(x, bool), int: lambda x: isinstance(x, int) and not isinstance(x, bool),
           float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), str: lambda x: isinstance(x, str)}
     if t in ok and not ok[t](v):

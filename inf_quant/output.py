@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -154,16 +155,25 @@ def _fetch(ctx, source: dict[str, Path]):
     return fetch
 
 
-def quantization_config(recipe: Recipe) -> dict:
+def quantization_config(recipe: Recipe, lmap=None, skip: frozenset = frozenset()) -> dict:
+    """The loaders' quantization_config. Skipped linears (left in bf16) are named for each loader:
+    GPTQ: `modules_in_block_to_quantize` (transformers/optimum; one list for every layer) and GPTQModel's
+    `dynamic` negative matches ("-:regex": {}, also read by vLLM); AWQ: `modules_to_not_convert`."""
     if recipe.method is Method.GPTQ:
         g = recipe.gptq
-        return {"quant_method": "gptq", "bits": g.bits, "group_size": g.group_size, "desc_act": g.order is Order.ACT,
-                "sym": g.sym, "damp_percent": g.damp, "true_sequential": True, "static_groups": g.static_groups,
-                "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
-                "meta": {"quantizer": [f"inf-quant:{__version__}"]}}
+        q = {"quant_method": "gptq", "bits": g.bits, "group_size": g.group_size, "desc_act": g.order is Order.ACT,
+             "sym": g.sym, "damp_percent": g.damp, "true_sequential": True, "static_groups": g.static_groups,
+             "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
+             "meta": {"quantizer": [f"inf-quant:{__version__}"]}}
+        if skip:
+            rel = sorted({n[len(lmap.blocks) + 1:].split(".", 1)[1] for n in skip})
+            q["modules_in_block_to_quantize"] = [[n for n in grp.names if n not in rel] for grp in lmap.groups
+                                                 if any(n not in rel for n in grp.names)]
+            q["dynamic"] = {f"-:{re.escape(lmap.blocks)}\\.\\d+\\.{re.escape(n)}$": {} for n in rel}
+        return q
     a = recipe.awq
     return {"quant_method": "awq", "bits": a.bits, "group_size": a.group_size, "zero_point": a.zero_point,
-            "version": "gemm", "modules_to_not_convert": ["lm_head"]}
+            "version": "gemm", "modules_to_not_convert": ["lm_head", *sorted(skip)]}
 
 
 def git_commit() -> str:
@@ -177,7 +187,7 @@ def git_commit() -> str:
 
 def write_configs(ctx, staging: Path) -> None:
     cfg = {k: v for k, v in ctx.ckpt.config.items() if k not in ("auto_map", "quantization_config")}
-    cfg["quantization_config"] = quantization_config(ctx.recipe)
+    cfg["quantization_config"] = quantization_config(ctx.recipe, ctx.lmap, ctx.skip)
     copied = copy_side_files(ctx.model_dir, staging)
     cfg = apply_layout(cfg, staging, ctx.recipe.output.serve_as, str(ctx.model_dir))  # + tokenizer.json
     write_json(staging / "config.json", cfg)
@@ -253,7 +263,8 @@ def publish(ctx, work: WorkDir, results: list, seconds: float, peak: PeakMemory)
     qbits = sum(sizes[n] * 8 for n in source if n.rsplit(".", 1)[1] in ("qweight", "qzeros", "scales", "g_idx"))
     qparams = sum(ctx.ckpt.info(f"{ctx.lmap.block_prefix(i)}{n}.weight").shape[0] *
                   ctx.ckpt.info(f"{ctx.lmap.block_prefix(i)}{n}.weight").shape[1]
-                  for i in range(ctx.ckpt.num_layers) for n in ctx.lmap.linears)
+                  for i in range(ctx.ckpt.num_layers) for n in ctx.lmap.linears
+                  if f"{ctx.lmap.block_prefix(i)}{n}" not in ctx.skip)
     out = ctx.out_dir
     replace_dir(staging, out)
     shutil.rmtree(work.path)

@@ -75,7 +75,7 @@ def _unpack_last(words: Tensor, bits: int) -> Tensor:
 def _check_multiple(what: str, value: int, p: int, fmt: str) -> None:
     if value % p:
         raise ConfigError(f"{fmt} packs {p} values per int32, so {what} must be a multiple of {p}, got {value}; "
-                          f"add the layer to 'skip' or use another format")
+                          f"this layer cannot be written in this format")
 
 
 def pack_gptq(codes: Tensor, zero: Tensor, bits: int) -> tuple[Tensor, Tensor]:

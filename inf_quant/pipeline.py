@@ -62,6 +62,7 @@ class Context:
     ids: torch.Tensor        # [S, T] int64 calibration windows
     calib_sha256: str
     out_dir: Path
+    skip: frozenset = frozenset()  # full names of linears left in bf16 (recipe.skip, resolved)
 
 
 def resolve_device(dev: Device, dtype: DType = DType.AUTO) -> tuple[torch.device, torch.dtype]:
@@ -102,7 +103,7 @@ def prepare(recipe: Recipe) -> Context:
              "about %.2f GB", len(docs), sum(map(len, docs)), recipe.calibration.samples, seqlen,
              plan.output_bytes / 1e9, plan.disk_bytes / 1e9)
     ids = sample_windows(docs, recipe.calibration.samples, seqlen, recipe.calibration.seed)
-    return Context(recipe, model_dir, ckpt, config, lmap, device, dtype, ids, sha, out_dir)
+    return Context(recipe, model_dir, ckpt, config, lmap, device, dtype, ids, sha, out_dir, plan.skip)
 
 
 class _Stop(Exception):
@@ -141,12 +142,21 @@ def capture_inputs(block: nn.Module, module: nn.Module, hidden: torch.Tensor, ro
         handle.remove()
 
 
-def gptq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
-    """Quantize one layer with GPTQ, group by group; the block's weights become their dequantized values."""
+def gptq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple, cfg=None,
+               method: Method = Method.GPTQ):
+    """Quantize one layer with GPTQ, group by group; the block's weights become their dequantized values.
+    cfg/method: another grid and format (AWQ's solve=gptq: its scaled weights, asymmetric, the AWQ gemm format)."""
     tensors, losses, notes = {}, {}, []
-    cfg = ctx.recipe.gptq
+    cfg = cfg or ctx.recipe.gptq
     for group in ctx.lmap.groups:
         mods = [block.get_submodule(n) for n in group.names]
+        kept = {n for n in group.names if f"{ctx.lmap.block_prefix(i)}{n}" in ctx.skip}
+        for name, mod in zip(group.names, mods):
+            if name in kept:
+                full = f"{ctx.lmap.block_prefix(i)}{name}"
+                tensors[f"{full}.weight"] = keep_bf16(ctx, mod, f"{full}.weight")
+        if len(kept) == len(mods):
+            continue
         state = {"h": None, "n": 0}
 
         def consume(x, state=state):
@@ -154,16 +164,26 @@ def gptq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rop
 
         capture_inputs(block, mods[0], hidden, rope, ctx.recipe.run.forward_batch, consume)
         for name, mod in zip(group.names, mods):
+            if name in kept:
+                continue
             full = f"{ctx.lmap.block_prefix(i)}{name}"
             q = gptq_quantize(mod.weight.float(), state["h"], cfg, name=full)
             if q.damp > cfg.damp:
                 notes.append(f"{full}: damping raised to {q.damp:g}")
-            t = to_tensors(q, Method.GPTQ, full)
+            t = to_tensors(q, method, full)
             tensors.update({f"{full}.{k}": v for k, v in t.items()})
-            set_weight(mod, from_tensors(t, Method.GPTQ, cfg.bits, mod.in_features))
+            set_weight(mod, from_tensors(t, method, cfg.bits, mod.in_features))
             losses[name] = q.proxy_loss
         del state
     return tensors, losses, notes
+
+
+def keep_bf16(ctx: Context, mod: nn.Linear, name: str) -> torch.Tensor:
+    """A skipped linear's weight as written: the checkpoint's dtype (an AWQ scale may have gone into it); the
+    module then computes with exactly that, as a resumed run (which reads it back) would."""
+    stored = mod.weight.detach().to(ctx.ckpt.info(name).dtype).cpu()
+    set_weight(mod, stored)
+    return stored
 
 
 def set_weight(mod: nn.Linear, w: torch.Tensor) -> None:
@@ -177,7 +197,7 @@ def apply_saved(ctx: Context, block: nn.Module, i: int, tensors: dict[str, torch
         full = f"{ctx.lmap.block_prefix(i)}{name}"
         mod = block.get_submodule(name)
         t = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == full}
-        set_weight(mod, from_tensors(t, method, ctx.recipe.bits, mod.in_features))
+        set_weight(mod, t["weight"] if full in ctx.skip else from_tensors(t, method, ctx.recipe.bits, mod.in_features))
     prefix = ctx.lmap.block_prefix(i)
     for k, v in tensors.items():  # non-linear tensors a method changed (AWQ-folded norms)
         rel = k[len(prefix):]

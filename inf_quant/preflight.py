@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -234,6 +235,31 @@ def estimate_output_bytes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, bi
     return other + quant, quant
 
 
+def resolve_skip(skip, lmap: LayerMap, num_layers: int, method: str) -> frozenset[str]:
+    """Full names (model.layers.<i>.<linear>) of the linears a recipe's `skip` leaves in bf16.
+
+    GPTQ takes layer-relative names only: transformers' GPTQ loader (optimum) honours `modules_in_block_to_quantize`,
+    one list for every layer, and ignores GPTQModel's per-module `dynamic`, so a one-layer skip would load wrongly
+    there. AWQ's `modules_to_not_convert` takes either."""
+    out = set()
+    pattern = re.compile(rf"{re.escape(lmap.blocks)}\.(\d+)\.(.+)")
+    for name in skip:
+        m = pattern.fullmatch(name)
+        rel, layers = (m.group(2), [int(m.group(1))]) if m else (name, range(num_layers))
+        if rel not in lmap.linears:
+            raise ConfigError(f"skip: {name!r} is not a quantized linear; use one of {', '.join(lmap.linears)} "
+                              f"(every layer) or {lmap.blocks}.<i>.<name>")
+        if m and method == "gptq":
+            raise ConfigError(f"skip: {name!r} names one layer, but GPTQ outputs can only skip a module in every "
+                              f"layer (transformers' GPTQ loader takes one list for all layers); use {rel!r}")
+        if m and int(m.group(1)) >= num_layers:
+            raise ConfigError(f"skip: {name!r}: the model has layers 0..{num_layers - 1}")
+        out.update(f"{lmap.block_prefix(i)}{rel}" for i in layers)
+    if len(out) == num_layers * len(lmap.linears):
+        raise ConfigError("skip: every linear would be skipped; nothing would be quantized")
+    return frozenset(out)
+
+
 def check_group_sizes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, group_size: int, skip=()) -> None:
     """Every quantized linear's in_features divides by the group size, and both dims pack into int32 words."""
     for i in range(int(ck.config["num_hidden_layers"])):
@@ -246,11 +272,10 @@ def check_group_sizes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, group_
             if group_size != -1 and k % group_size:
                 fits = [g for g in (16, 32, 64, 128, 256, 512, 1024) if k % g == 0]
                 hint = f"use {', '.join(map(str, fits))} or -1" if fits else "use -1 (per-channel)"
-                raise ConfigError(f"{full}: in_features={k} is not divisible by group_size={group_size}; {hint}, "
-                                  "or add the layer to 'skip'")
+                raise ConfigError(f"{full}: in_features={k} is not divisible by group_size={group_size}; {hint}")
             if n % 8 or k % 8:
                 raise ConfigError(f"{full}: shape [{n}, {k}] cannot be packed ({method} needs out and in features "
-                                  "divisible by 8); add the layer to 'skip'")
+                                  "divisible by 8); this model cannot be written in GPTQ/AWQ int32 packing")
 
 
 @dataclass(frozen=True)
@@ -260,6 +285,7 @@ class QuantizePlan:
     out_dir: Path
     output_bytes: int   # estimated size of the written checkpoint
     disk_bytes: int     # estimated peak disk use of the run (work layers + assembled output)
+    skip: frozenset = frozenset()  # full names of the linears left in bf16
 
 
 def _calib_files(source: str) -> tuple[tuple[Path, ...], bool]:
@@ -276,7 +302,8 @@ def for_quantize(recipe) -> QuantizePlan:
     model_dir = resolve_model_path(recipe.model.path)
     ck = check_checkpoint(model_dir, recipe.model.allow_pickle, what="--model")
     lmap = layer_map_for(ck.config.get("model_type", ""))
-    check_group_sizes(ck, lmap, recipe.method.value, recipe.group_size)
+    skip = resolve_skip(recipe.skip, lmap, int(ck.config["num_hidden_layers"]), recipe.method.value)
+    check_group_sizes(ck, lmap, recipe.method.value, recipe.group_size, skip)
     max_pos = int(ck.config.get("max_position_embeddings") or 2048)
     if recipe.calibration.seqlen > max_pos:
         raise ConfigError(f"--seqlen {recipe.calibration.seqlen} exceeds the model's max_position_embeddings="
@@ -290,7 +317,7 @@ def for_quantize(recipe) -> QuantizePlan:
     total, quant = estimate_output_bytes(ck, lmap, recipe.method.value, recipe.bits, recipe.group_size)
     if ck.tensors:
         check_disk(o, total + quant, "the quantization")
-    return QuantizePlan(model_dir, ck, out, total, total + quant)
+    return QuantizePlan(model_dir, ck, out, total, total + quant, skip)
 
 
 def for_verify(cfg) -> None:
@@ -321,13 +348,15 @@ def for_release(recipes: list, out: str) -> Path:
     from .calibrate import check_text_file
     from .paths import resolve_model_path
 
-    inputs, seen = {}, set()
+    inputs, seen = {}, {}
     for r in recipes:
         mdir = resolve_model_path(r.model.path)
         if mdir not in seen:
-            seen.add(mdir)
-            ck = check_checkpoint(mdir, r.model.allow_pickle, what=f"recipe {r.name}: model")
-            check_group_sizes(ck, layer_map_for(ck.config.get("model_type", "")), r.method.value, r.group_size)
+            seen[mdir] = check_checkpoint(mdir, r.model.allow_pickle, what=f"recipe {r.name}: model")
+        ck = seen[mdir]
+        lmap = layer_map_for(ck.config.get("model_type", ""))
+        skip = resolve_skip(r.skip, lmap, int(ck.config["num_hidden_layers"]), r.method.value)
+        check_group_sizes(ck, lmap, r.method.value, r.group_size, skip)
         inputs[f"recipe {r.name}'s model"] = mdir
         files, user = _calib_files(r.calibration.source)
         for f in files:

@@ -31,6 +31,9 @@ def to_tensors(q: QuantizedWeight, method: Method, name: str) -> dict[str, Tenso
                 "(the default) for this checkpoint")
         qweight, qzeros = pack_gptq(codes, zero, q.bits)
         return {"qweight": qweight, "qzeros": qzeros, "scales": scales.cpu(), "g_idx": q.g_idx.cpu()}
+    natural = torch.arange(codes.shape[1], device=q.g_idx.device) // (codes.shape[1] // zero.shape[1])
+    if not torch.equal(q.g_idx, natural):
+        raise ValueError(f"{name}: the AWQ gemm format has no g_idx; groups must be i // G")
     qweight, qzeros = pack_awq(codes, zero)
     return {"qweight": qweight, "qzeros": qzeros, "scales": scales.cpu()}
 

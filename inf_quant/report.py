@@ -26,7 +26,7 @@ FONT = "DejaVu Sans"                             # bundled with matplotlib, so t
 SHORT_SHA = 12                                   # hex digits shown in report.md; verify.json has all 64
 # Gate name → (metric it tests, comparison shown, value format).
 GATE_METRIC = {
-    "max_ppl_increase_pct": ("ppl_increase_pct", "≤", lambda v: f"{v:+.2f} %"),
+    "max_ppl_increase_pct": ("ppl_increase_pct", "≤", lambda v: signed_pct(v, 2)),
     "max_kl": ("kl_mean", "≤", lambda v: f"{v:.4f}"),
     "min_top1_agreement": ("top1_agreement", "≥", lambda v: f"{100 * v:.2f} %"),
     "fits_vram_gib": (None, "≤", lambda v: f"{v:.2f} GiB"),
@@ -109,7 +109,7 @@ def _md_accuracy(report: dict) -> str:
     for d in ordered_domains(report["metrics"]):
         m = report["metrics"][d]
         rows.append(_row(d, f"{m['tokens']:,}", f"{m['ppl_baseline']:.3f}", f"{m['ppl_quantized']:.3f}",
-                         mark("ppl_increase_pct", d, f"{m['ppl_increase_pct']:+.2f} %"),
+                         mark("ppl_increase_pct", d, signed_pct(m['ppl_increase_pct'], 2)),
                          mark("kl_mean", d, f"{m['kl_mean']:.4f}"),
                          mark("top1_agreement", d, f"{100 * m['top1_agreement']:.2f} %")))
     image = f"![Perplexity by domain, bf16 vs {_cell(model_name(report))}]({PPL_PNG})"
@@ -156,12 +156,18 @@ def _md_measured(a: dict, m: dict | None) -> str:
                        ("peak_reserved_bytes", "peak reserved (torch)"),
                        ("process_used_bytes", "process used (driver)")):
         if m.get(key) is not None:
-            rows.append(_row(label, _gib(m[key]), f"{diff_pct(m[key], ref):+.1f} %"))
+            rows.append(_row(label, _gib(m[key]), signed_pct(diff_pct(m[key], ref), 1)))
     note = ""
     if m["context"] != ref_ctx:
         note = (f"\n\nThe measurement ran at context {m['context']:,}, the estimate at {ref_ctx:,}: "
                 "the difference includes the KV cache and activations of the context gap.")
     return f"**Measured** on {_cell(m['device'])} at context {m['context']:,}:\n\n" + "\n".join(rows) + note
+
+
+def signed_pct(v: float, digits: int) -> str:
+    """'+1.2 %' / '-0.5 %'; a value that rounds to zero is '+0.0 %', never '-0.0 %'."""
+    text = f"{v:+.{digits}f}"
+    return f"{0.0 if float(text) == 0 else v:+.{digits}f} %"
 
 
 def diff_pct(measured: float, analytic: float) -> float:
@@ -270,7 +276,7 @@ def _draw_ppl(fig, report: dict) -> None:
     q = ax.bar([i + w / 2 for i in x], quant, w, label=report["quantized"]["quant_method"].upper()
                + f" {report['quantized']['bits']}-bit", color="#DD8452")
     ax.bar_label(b, fmt="%.2f", padding=2, fontsize=8)
-    ax.bar_label(q, labels=[f"{v:.2f}\n({metrics[d]['ppl_increase_pct']:+.1f} %)" for d, v in zip(domains, quant)],
+    ax.bar_label(q, labels=[f"{v:.2f}\n({signed_pct(metrics[d]['ppl_increase_pct'], 1)})" for d, v in zip(domains, quant)],
                  padding=2, fontsize=8)
     ax.set_xticks(x, [f"{d}\n{metrics[d]['tokens']:,} tok" for d in domains])
     ax.set_ylabel("perplexity (lower is better)")

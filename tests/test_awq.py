@@ -449,7 +449,7 @@ def test_awq_block_skips_q_k_clip_and_reports_scales(monkeypatch):
     monkeypatch.setattr(block_mod, "search_clip", spy)
     ctx = SimpleNamespace(recipe=SimpleNamespace(awq=CFG, run=SimpleNamespace(forward_batch=2)),
                           lmap=LAYER_MAPS["llama"], config=block.self_attn.config,
-                          ckpt=SimpleNamespace(info=lambda _: SimpleNamespace(dtype=torch.float32)))
+                          ckpt=SimpleNamespace(info=lambda _: SimpleNamespace(dtype=torch.float32)), skip=frozenset())
     tensors, losses, notes, scales = block_mod.awq_block(ctx, block, 0, hidden, rope)
     names = LAYER_MAPS["llama"].linears
     assert {n: shrink[i] for i, n in enumerate(names)} == {
@@ -478,3 +478,21 @@ def test_folding_every_group_keeps_the_layer_output(model_type):
         _, res = block_mod._fold(block, group, "", x, kw, FULL, 2, 8, notes := [])
         assert res is not None and not notes and not torch.equal(res.scales, torch.ones_like(res.scales))
     _assert_fold_close(run_block(block, hidden, rope), expected)
+
+
+def test_the_awq_format_refuses_codes_whose_groups_are_not_i_over_g():
+    """--solve gptq writes GPTQ codes in the AWQ gemm format, which has no g_idx: only g_idx = i // G may pass."""
+    import torch
+
+    from inf_quant.config import Method
+    from inf_quant.qformat import to_tensors
+    from inf_quant.quant.grid import QuantizedWeight
+
+    n, k, g = 8, 64, 32
+    q = QuantizedWeight(codes=torch.zeros(n, k, dtype=torch.uint8), scale=torch.ones(n, k // g),
+                        zero=torch.full((n, k // g), 8, dtype=torch.int32), g_idx=(torch.arange(k) // g).int(),
+                        perm=None, bits=4, proxy_loss=0.0, damp=0.0)
+    assert set(to_tensors(q, Method.AWQ, "x")) == {"qweight", "qzeros", "scales"}
+    shuffled = QuantizedWeight(**{**q.__dict__, "g_idx": (torch.arange(k).flip(0) // g).int()})
+    with pytest.raises(ValueError, match="no g_idx"):
+        to_tensors(shuffled, Method.AWQ, "x")

@@ -19,14 +19,17 @@ FAST = ("--group-size", "32", "--samples", "8", "--seqlen", "64", "-q")
 IDS = [[5, 17, 250, 1024, 7, 3000, 42, 99, 512, 8000, 6, 77]]
 
 
-@pytest.fixture(scope="module", params=[("gptq", "inflm"), ("gptq", "llama"), ("awq", "inflm"), ("awq", "llama")],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[("gptq", "inflm"), ("gptq", "llama"), ("awq", "inflm"), ("awq", "llama"),
+                                        ("awq-rtn", "inflm")], ids=lambda p: "-".join(p))
 def quantized(request, tmp_path_factory):
-    method, kind = request.param
-    root = tmp_path_factory.mktemp(f"{method}-{kind}")
+    """awq-rtn: AutoAWQ's clip search + round to nearest (--solve rtn) instead of the default GPTQ solve."""
+    variant, kind = request.param
+    root = tmp_path_factory.mktemp(f"{variant}-{kind}")
     model = build_tiny_checkpoint(root / "bf16", kind)
     out = root / "w4"
-    assert cli(method, "--bits", "4", "--model", model, "--out", out, *FAST)[0] == 0
+    method, *solve = variant.split("-")
+    extra = ("--solve", solve[0]) if solve else ()
+    assert cli(method, "--bits", "4", "--model", model, "--out", out, *FAST, *extra)[0] == 0
     return method, kind, model, out
 
 

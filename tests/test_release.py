@@ -117,6 +117,28 @@ def test_interrupted_release_keeps_published_variants_and_resumes_to_same_bytes(
     assert _tree(out) == _tree(ref)
 
 
+def test_only_merges_into_the_manifest_and_resume_rebuilds_a_variant_whose_recipe_changed(tmp_path, recipes):
+    import shutil
+
+    ref = tmp_path / "ref"
+    release(recipes, ref)
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    release(recipes, out, only=("tiny-gptq",), force=True)  # rebuild one: the other stays in the manifest
+    assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+    assert _tree(out) == _tree(ref)
+    changed = tmp_path / "recipes"
+    shutil.copytree(recipes, changed)
+    p = changed / "tiny-awq.yaml"
+    p.write_text(p.read_text().replace("samples: 8", "samples: 6"))
+    report = release(changed, out, resume=True)
+    assert report.ok
+    built = json.loads((out / "tiny-awq" / "inf_quant.json").read_text())["recipe"]["calibration"]["samples"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert built == 6 and manifest["variants"]["tiny-awq"]["recipe"]["calibration"]["samples"] == 6
+    assert manifest["variants"]["tiny-gptq"] == json.loads((ref / "manifest.json").read_text())["variants"]["tiny-gptq"]
+
+
 def test_a_failing_gate_rejects_the_variant_and_exits_1(tmp_path, recipes, capsys):
     d = tmp_path / "strict"
     d.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from inf_quant.errors import InfQuantError
-from inf_quant.report import PPL_PNG, VRAM_PNG, diff_pct, ordered_domains, write_report
+from inf_quant.report import PPL_PNG, VRAM_PNG, diff_pct, ordered_domains, signed_pct, write_report
 
 GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -229,3 +229,8 @@ def test_import_has_no_matplotlib_side_effects():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+def test_percentages_that_round_to_zero_are_never_negative_zero():
+    assert signed_pct(-0.04, 1) == "+0.0 %" and signed_pct(-0.004, 2) == "+0.00 %"
+    assert signed_pct(-0.06, 1) == "-0.1 %" and signed_pct(2.345, 2) == "+2.35 %" and signed_pct(0.0, 1) == "+0.0 %"

@@ -424,6 +424,29 @@ def _(t):
     return _gptq(t, "--device", "cuda", "--out", t.root / "q")
 
 
+@case("skip-unknown-module", 2, "skip: 'mlp.down'", "is not a quantized linear", "mlp.down_proj")
+def _(t):
+    return _gptq(t, "--skip", "mlp.down")
+
+
+@case("skip-one-layer-gptq", 2, "names one layer, but GPTQ outputs can only skip a module in every layer",
+      "use 'mlp.down_proj'")
+def _(t):
+    return _gptq(t, "--skip", "model.layers.0.mlp.down_proj")
+
+
+@case("skip-layer-out-of-range", 2, "model.layers.9.mlp.down_proj", "the model has layers 0..1")
+def _(t):
+    return ["awq", "--model", t.model(), *FAST, "--skip", "model.layers.9.mlp.down_proj"]
+
+
+@case("skip-everything", 2, "every linear would be skipped")
+def _(t):
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    return _gptq(t, "--skip", *names)
+
+
 # ---- faults during the run (injected) ---------------------------------------------------------------------------
 def _fail_at_layer(t: Box, exc: BaseException, layer: int = 1) -> None:
     import inf_quant.pipeline as pipeline
@@ -739,3 +762,37 @@ def test_per_layer_adjustments_are_one_line_per_kind():
     assert summarize_notes(notes) == [
         "model.layers.*.self_attn.v_proj -> self_attn.o_proj: scale not folded (GQA) (in 48 layers: 0-47)",
         "model.layers.*.mlp.down_proj: damping raised to 0.1 (in 2 layers: 3, 7)"]
+
+
+@pytest.mark.parametrize("method, skip", [("gptq", "mlp.down_proj"), ("awq", "model.layers.1.self_attn.o_proj")])
+def test_skipped_linears_stay_bf16_and_load_so_in_plain_transformers(tmp_path, method, skip):
+    """The loaders honour what the config names: transformers (optimum / gptqmodel kernels) keeps the skipped
+    linears as nn.Linear holding exactly the written bf16 weights, and quantizes every other one."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    m = build_tiny_checkpoint(tmp_path / "m", "inflm")
+    out = tmp_path / "q"
+    assert cli(method, "--model", m, "--out", out, "--skip", skip, *FAST)[0] == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        written = {k: f.get_tensor(k) for k in f.keys()}
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.bfloat16)
+    plain, quantized = [], []
+    for name, mod in model.named_modules():
+        if ".layers." in name and name.rsplit(".", 1)[-1].endswith("_proj"):
+            (plain if type(mod) is torch.nn.Linear else quantized).append(name)
+    want = [f"model.layers.{i}.mlp.down_proj" for i in range(2)] if method == "gptq" else [skip]
+    assert plain == want and len(quantized) == 14 - len(want)
+    for name in want:
+        assert f"{name}.qweight" not in written
+        assert torch.equal(model.get_submodule(name).weight, written[f"{name}.weight"])
+    if method == "gptq":  # the untouched bf16 input weight (no AWQ scale goes into a GPTQ skip)
+        from safetensors.torch import load_file
+
+        src = {}
+        for p in m.glob("*.safetensors"):
+            src.update(load_file(p))
+        assert torch.equal(written["model.layers.0.mlp.down_proj.weight"], src["model.layers.0.mlp.down_proj.weight"])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 17, 250, 1024]])).logits).all()

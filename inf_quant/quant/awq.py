@@ -64,7 +64,7 @@ def _group_size(k: int, group_size: int) -> int:
     if k % g:
         raise ConfigError(
             f"awq: in_features={k} is not divisible by group_size={group_size}; "
-            "use a group_size that divides it, or add the layer to 'skip'"
+            "use a group_size that divides it, or -1"
         )
     return g
 

@@ -41,7 +41,7 @@ def resolve_group_size(k: int, group_size: int, name: str = "linear") -> int:
         hint = f"use {', '.join(map(str, fits))} or -1" if fits else "use -1 (per-channel)"
         raise ConfigError(
             f"{name}: in_features={k} is not divisible by group_size={group_size}; "
-            f"{hint}, or add the layer to 'skip'"
+            f"{hint}"
         )
     return group_size
 
