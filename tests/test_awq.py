@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from inf_quant import awq_block as block_mod
 from inf_quant.awq_block import capture_group_inputs, module_output_loss, scale_summary, search_samples
-from inf_quant.config import AWQConfig, ScaleForms
+from inf_quant.config import AWQConfig, ScaleForms, WeightSolve
 from inf_quant.layermap import LAYER_MAPS
 from inf_quant.errors import ConfigError, NumericalError
 from inf_quant.quant import awq
@@ -447,7 +447,8 @@ def test_awq_block_skips_q_k_clip_and_reports_scales(monkeypatch):
         return real_clip(x, w, cfg)
 
     monkeypatch.setattr(block_mod, "search_clip", spy)
-    ctx = SimpleNamespace(recipe=SimpleNamespace(awq=CFG, run=SimpleNamespace(forward_batch=2)),
+    rtn = AWQConfig(group_size=16, solve=WeightSolve.RTN)  # the clip search belongs to AutoAWQ's rounding
+    ctx = SimpleNamespace(recipe=SimpleNamespace(awq=rtn, run=SimpleNamespace(forward_batch=2)),
                           lmap=LAYER_MAPS["llama"], config=block.self_attn.config,
                           ckpt=SimpleNamespace(info=lambda _: SimpleNamespace(dtype=torch.float32)), skip=frozenset())
     tensors, losses, notes, scales = block_mod.awq_block(ctx, block, 0, hidden, rope)

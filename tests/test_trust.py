@@ -2,7 +2,7 @@
 and the fix, and that nothing was left behind or changed (sha256 of every file under the test's root, before and
 after). Plus the lock, resume fingerprints, fast start and release bookkeeping.
 
-Cost: ~60 pre-flight cases at milliseconds each (no model work), 8 that run a tiny quantization part-way (~3 s
+Cost: ~70 pre-flight cases at milliseconds each (no model work), 8 that run a tiny quantization part-way (~3 s
 each), 4 release/resume runs (~1 min together).
 """
 
@@ -796,3 +796,28 @@ def test_skipped_linears_stay_bf16_and_load_so_in_plain_transformers(tmp_path, m
         assert torch.equal(written["model.layers.0.mlp.down_proj.weight"], src["model.layers.0.mlp.down_proj.weight"])
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 17, 250, 1024]])).logits).all()
+
+
+def test_kill_9_mid_quantization_then_resume_gives_the_same_bytes(tmp_path):
+    """A real SIGKILL of `inf-quant gptq` after its first finished layer: the lock it leaves is stale, --resume
+    takes it over and finishes with the bytes of an uninterrupted run."""
+    import signal
+    import time
+
+    model = tmp_path / "m"
+    shutil.copytree(REPO_ROOT / "models" / "inf-tiny", model)  # 6 layers: time to kill between layers
+    args = ["--model", str(model), "--group-size", "32", "--samples", "8", "--seqlen", "64", "-q"]
+    assert cli("gptq", *args, "--out", tmp_path / "ref")[0] == 0
+    p = subprocess.Popen([sys.executable, "-m", "inf_quant", "gptq", *args, "--out", str(tmp_path / "q")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline and not (tmp_path / ".q.partial" / "layer-00000.safetensors").exists():
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert (tmp_path / ".q.lock").exists() and not (tmp_path / "q").exists()
+    assert cli("gptq", *args, "--out", tmp_path / "q", "--resume")[0] == 0
+    ref, got = snapshot(tmp_path / "ref"), snapshot(tmp_path / "q")
+    ref.pop("inf_quant.json"), got.pop("inf_quant.json")
+    assert ref == got and not (tmp_path / ".q.lock").exists() and not (tmp_path / ".q.partial").exists()
