@@ -149,8 +149,8 @@ def group_label(group) -> str:
 def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     """Quantize one layer with AWQ (see the module docstring for the order of operations).
 
-    Returns (checkpoint tensors, per-linear clip loss, notes, chosen scale per group: label -> (form, alpha), or
-    ("none", 0.0) where no scale could be folded).
+    Returns (checkpoint tensors, per-linear loss, notes, chosen scale per group: label -> (form, alpha), or
+    ("none", 0.0) where no scale could be folded, and the layer's output [S, T, D] (solve=gptq) or None).
     """
     from .pipeline import gptq_block, keep_bf16
 
@@ -166,8 +166,8 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     if cfg.solve is WeightSolve.GPTQ:  # the scaled layer, quantized by GPTQ group by group (true sequential)
         del xs
         folded = _with_folded_norms(ctx, block, prefix, {})  # rounded to bf16 first: GPTQ sees what is written
-        tensors, losses, gnotes = gptq_block(ctx, block, i, hidden, rope, cfg.gptq(), Method.AWQ)
-        return {**tensors, **folded}, losses, notes + gnotes, scales
+        tensors, losses, gnotes, out = gptq_block(ctx, block, i, hidden, rope, cfg.gptq(), Method.AWQ)
+        return {**tensors, **folded}, losses, notes + gnotes, scales, out
     no_clip = replace(cfg, clip_max_shrink=0.0)  # only ratio 1: nothing clipped, the same loss reported
     tensors, losses = {}, {}
     for group, x in zip(groups, xs):
@@ -183,7 +183,7 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
             tensors.update({f"{prefix}{name}.{k}": v for k, v in t.items()})
             mod.weight.data = from_tensors(t, Method.AWQ, cfg.bits, mod.in_features).to(mod.weight)
             losses[name] = clip.loss
-    return _with_folded_norms(ctx, block, prefix, tensors), losses, notes, scales
+    return _with_folded_norms(ctx, block, prefix, tensors), losses, notes, scales, None
 
 
 def _with_folded_norms(ctx, block: nn.Module, prefix: str, tensors: dict) -> dict:

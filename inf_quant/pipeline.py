@@ -1,9 +1,12 @@
 """The block loop: load one decoder layer, calibrate, quantize, propagate, save, free.
 
 Layer i is calibrated on the outputs of the already-quantized layers 0..i-1 (sequential). Inside a layer, GPTQ takes
-the linear groups of the layer map in order, each seeing the earlier groups quantized (true sequential); AWQ
-searches every group's scale first and quantizes after (AutoAWQ's order; see awq_block). Memory
-is one decoder layer + the calibration activations [S, T, D] (twice: inputs and outputs) + one group's H.
+the linear groups of the layer map in order, each seeing the earlier groups quantized (true sequential), each group
+solved as one stacked problem (its linears share H); the MLP groups capture from the attention half's output,
+computed once (LayerMap.halves), and the MLP half's output, written over it, is the layer's output. AWQ searches
+every group's scale first, then quantizes the scaled layer the same way (solve=gptq) or by AutoAWQ's rounding
+(see awq_block). Memory is one decoder layer + the calibration activations [S, T, D] (twice: inputs and outputs)
++ one group's H and its stacked weights.
 Finished layers are saved to a work directory, so `resume` rebuilds them from disk instead of re-solving.
 """
 
@@ -118,28 +121,49 @@ def run_block(block: nn.Module, x: torch.Tensor, rope: tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def run_half(block: nn.Module, half: tuple[str, str], x: torch.Tensor, rope: tuple) -> torch.Tensor:
+    """One residual half of a decoder layer (LayerMap.halves): x + module(norm(x)), x: [B, T, D]. The two halves
+    in order are exactly run_block (tested)."""
+    norm, name = half
+    h = block.get_submodule(norm)(x)
+    if name.endswith("attn"):
+        cos, sin = rope
+        pos = torch.arange(x.shape[1], device=x.device)[None]
+        h = block.get_submodule(name)(hidden_states=h, attention_mask=None, position_ids=pos,
+                                      position_embeddings=(cos, sin))[0]
+    else:
+        h = block.get_submodule(name)(h)
+    return x + h
+
+
 def forward_all(block: nn.Module, hidden: torch.Tensor, rope: tuple, batch: int) -> torch.Tensor:
     """The layer's outputs for all calibration samples, in chunks: [S, T, D] (a new tensor)."""
     return torch.cat([run_block(block, hidden[s: s + batch], rope) for s in range(0, len(hidden), batch)])
 
 
 def capture_inputs(block: nn.Module, module: nn.Module, hidden: torch.Tensor, rope: tuple, batch: int,
-                   consume: Callable[[torch.Tensor], None]) -> None:
-    """Feed `module`'s input, chunk by chunk, to `consume`; each pass stops right after that input is seen."""
+                   consume: Callable[[torch.Tensor], None], run: Callable | None = None) -> None:
+    """Feed `module`'s input, chunk by chunk, to `consume`; each pass stops right after that input is seen.
+    run(chunk): what is run on each chunk of `hidden` (default: the whole layer, run_block)."""
 
     def hook(_mod, args):
         consume(args[0])
         raise _Stop
 
+    run = run or (lambda x: run_block(block, x, rope))
     handle = module.register_forward_pre_hook(hook)
     try:
         for s in range(0, len(hidden), batch):
             try:
-                run_block(block, hidden[s: s + batch], rope)
+                run(hidden[s: s + batch])
             except _Stop:
                 pass
     finally:
         handle.remove()
+
+
+def _half_of(lmap: LayerMap, group) -> int:
+    return next(k for k, (_, name) in enumerate(lmap.halves) if group.names[0].startswith(name + "."))
 
 
 def gptq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple, cfg=None,
@@ -148,7 +172,16 @@ def gptq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rop
     cfg/method: another grid and format (AWQ's solve=gptq: its scaled weights, asymmetric, the AWQ gemm format)."""
     tensors, losses, notes = {}, {}, []
     cfg = cfg or ctx.recipe.gptq
+    batch = ctx.recipe.run.forward_batch
+    # Each half's groups capture from that half's input: the layer input for attention, and for the MLP the
+    # attention half's output, computed once after its groups are quantized (not re-run per capture). The last
+    # half's output, written in place over its input, is the layer's output.
+    x, done = hidden, 0
     for group in ctx.lmap.groups:
+        k = _half_of(ctx.lmap, group)
+        while done < k:  # the halves before this group's, with their groups quantized
+            x = _run_half_all(block, ctx.lmap.halves[done], x, rope, batch, in_place=x is not hidden)
+            done += 1
         mods = [block.get_submodule(n) for n in group.names]
         kept = {n for n in group.names if f"{ctx.lmap.block_prefix(i)}{n}" in ctx.skip}
         for name, mod in zip(group.names, mods):
@@ -162,20 +195,33 @@ def gptq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rop
         def consume(x, state=state):
             state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x)
 
-        capture_inputs(block, mods[0], hidden, rope, ctx.recipe.run.forward_batch, consume)
-        for name, mod in zip(group.names, mods):
-            if name in kept:
-                continue
+        half = ctx.lmap.halves[k]
+        capture_inputs(block, mods[0], x, rope, batch, consume, run=lambda c, half=half: run_half(block, half, c, rope))
+        solved = [(n, m) for n, m in zip(group.names, mods) if n not in kept]
+        label = f"{ctx.lmap.block_prefix(i)}{'+'.join(n for n, _ in solved)}"
+        # one solve for the group: the linears share H, rows are independent (same codes as one by one)
+        stacked = gptq_quantize(torch.cat([m.weight.float() for _, m in solved]), state["h"], cfg, name=label)
+        if stacked.damp > cfg.damp:
+            notes.append(f"{label}: damping raised to {stacked.damp:g}")
+        for (name, mod), q in zip(solved, stacked.split_rows([m.out_features for _, m in solved])):
             full = f"{ctx.lmap.block_prefix(i)}{name}"
-            q = gptq_quantize(mod.weight.float(), state["h"], cfg, name=full)
-            if q.damp > cfg.damp:
-                notes.append(f"{full}: damping raised to {q.damp:g}")
             t = to_tensors(q, method, full)
             tensors.update({f"{full}.{k}": v for k, v in t.items()})
             set_weight(mod, from_tensors(t, method, cfg.bits, mod.in_features))
             losses[name] = q.proxy_loss
         del state
-    return tensors, losses, notes
+    while done < len(ctx.lmap.halves):
+        x = _run_half_all(block, ctx.lmap.halves[done], x, rope, batch, in_place=x is not hidden)
+        done += 1
+    return tensors, losses, notes, x
+
+
+def _run_half_all(block: nn.Module, half, x: torch.Tensor, rope: tuple, batch: int, in_place: bool) -> torch.Tensor:
+    """run_half over all samples in chunks of `batch`; in_place writes over x (a tensor this layer owns)."""
+    out = x if in_place else torch.empty_like(x)
+    for s in range(0, len(x), batch):
+        out[s: s + batch] = run_half(block, half, x[s: s + batch], rope)
+    return out
 
 
 def keep_bf16(ctx: Context, mod: nn.Linear, name: str) -> torch.Tensor:
@@ -206,9 +252,11 @@ def apply_saved(ctx: Context, block: nn.Module, i: int, tensors: dict[str, torch
 
 
 def quantize_layer(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
-    """(checkpoint tensors, losses, notes, AWQ scale per group) for one layer."""
+    """(checkpoint tensors, losses, notes, AWQ scale per group, the layer's output [S, T, D] or None) for one
+    layer; None: the caller runs the quantized layer (forward_all)."""
     if ctx.recipe.method is Method.GPTQ:
-        return (*gptq_block(ctx, block, i, hidden, rope), {})
+        tensors, losses, notes, out = gptq_block(ctx, block, i, hidden, rope)
+        return tensors, losses, notes, {}, out
     from .awq_block import awq_block
 
     return awq_block(ctx, block, i, hidden, rope)
@@ -243,14 +291,15 @@ def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerRes
             t_layer = time.monotonic()
             block = load_block(ctx.ckpt, skel, i, ctx.device, ctx.dtype)
             saved = work.layer_file(i)
+            out = None
             if saved.is_file():
                 apply_saved(ctx, block, i, load_file(saved))
                 losses, notes, scales, resumed = {}, [], {}, True
             else:
-                tensors, losses, notes, scales = quantize_layer(ctx, block, i, hidden, rope)
+                tensors, losses, notes, scales, out = quantize_layer(ctx, block, i, hidden, rope)
                 work.save_layer(i, tensors, ctx)
                 resumed = False
-            hidden = forward_all(block, hidden, rope, recipe.run.forward_batch)
+            hidden = out if out is not None else forward_all(block, hidden, rope, recipe.run.forward_batch)
             del block
             rss, vram = peak.read()
             results.append(LayerResult(i, time.monotonic() - t_layer, losses, tuple(notes), rss, vram, resumed, scales))

@@ -451,7 +451,7 @@ def test_awq_block_skips_q_k_clip_and_reports_scales(monkeypatch):
     ctx = SimpleNamespace(recipe=SimpleNamespace(awq=rtn, run=SimpleNamespace(forward_batch=2)),
                           lmap=LAYER_MAPS["llama"], config=block.self_attn.config,
                           ckpt=SimpleNamespace(info=lambda _: SimpleNamespace(dtype=torch.float32)), skip=frozenset())
-    tensors, losses, notes, scales = block_mod.awq_block(ctx, block, 0, hidden, rope)
+    tensors, losses, notes, scales, _ = block_mod.awq_block(ctx, block, 0, hidden, rope)
     names = LAYER_MAPS["llama"].linears
     assert {n: shrink[i] for i, n in enumerate(names)} == {
         n: 0.0 if n in ("self_attn.q_proj", "self_attn.k_proj") else CFG.clip_max_shrink for n in names}

@@ -290,3 +290,22 @@ def test_search_qparams_without_steps_is_min_max():
     for sym in (True, False):
         a, b = search_qparams(w.reshape(N, -1, 16), 4, sym, steps=0, max_shrink=0.2), qparams(w.reshape(N, -1, 16), 4, sym)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("order, static, sym", [(Order.NATURAL, False, True), (Order.GROUP_AWARE, False, True),
+                                                (Order.ACT, False, True), (Order.ACT, True, True),
+                                                (Order.GROUP_AWARE, False, False)])
+def test_linears_sharing_h_solved_stacked_give_the_codes_of_each_solved_alone(order, static, sym):
+    """pipeline.gptq_block solves q/k/v (and gate/up) as one [sum N, K] problem: rows are independent given H."""
+    g = torch.Generator().manual_seed(3)
+    k = 128
+    x = torch.randn(2048, k, generator=g) * torch.rand(k, generator=g) * 3
+    h = 2 * x.T @ x / len(x)
+    ws = [torch.randn(n, k, generator=g) for n in (96, 32, 32)]
+    cfg = GPTQConfig(bits=4, group_size=32, order=order, static_groups=static, sym=sym)
+    alone = [gptq_quantize(w, h, cfg) for w in ws]
+    parts = gptq_quantize(torch.cat(ws), h, cfg).split_rows([96, 32, 32])
+    for a, b in zip(alone, parts):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+        assert torch.equal(a.g_idx, b.g_idx) and a.damp == b.damp
+        assert abs(a.proxy_loss - b.proxy_loss) <= 1e-5 * max(a.proxy_loss, 1.0)

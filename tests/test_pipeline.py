@@ -229,3 +229,21 @@ def test_user_errors_exit_2_with_one_line(tmp_path, inflm_ckpt, capsys, args, me
     assert code == 2, err
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_the_layer_halves_compose_to_the_whole_layer_exactly(tiny_ckpt):
+    """gptq_block captures the MLP groups from the attention half's output instead of re-running attention;
+    that is only the same math if the halves of LayerMap.halves are the layer, bit for bit."""
+    from inf_quant.load import hf_config, load_block, open_checkpoint, rotary, skeleton
+    from inf_quant.pipeline import run_block, run_half
+
+    ck = open_checkpoint(tiny_ckpt)
+    cfg = hf_config(ck)
+    block = load_block(ck, skeleton(cfg), 1, "cpu", torch.float32)
+    x = torch.randn(3, 20, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    rope = rotary(cfg, "cpu")(x[:1], torch.arange(20)[None])
+    with torch.no_grad():
+        h = x
+        for half in ck.layer_map.halves:
+            h = run_half(block, half, h, rope)
+        assert torch.equal(h, run_block(block, x, rope))

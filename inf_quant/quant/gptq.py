@@ -132,7 +132,7 @@ def _current_group(W: Tensor, W1: Tensor, Err1: Tensor, Hinv: Tensor, i1: int, i
 
 
 def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int],
-           static: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor, float]:
+           static: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The blocked GPTQ column loop (Alg. 1 with lazy batch updates) over columns in solve order.
 
     W:    [N, K] fp32  weights in solve order; private working copy, modified in place
@@ -141,7 +141,7 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int
     static: (scale, zero [N, n_groups]) fixed before the solve, or None: the qparams of each group are fixed
             at its first solve position (j % G == 0; each group's G columns are consecutive in solve order)
             from the current weights of the G columns starting there.
-    returns codes [N, K] uint8 (solve order), scale and zero [N, n_groups], proxy loss.
+    returns codes [N, K] uint8 (solve order), scale and zero [N, n_groups], the proxy loss per row [N].
     """
     N, K = W.shape
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
@@ -150,7 +150,7 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int
     else:
         scale = torch.empty(N, K // G, dtype=torch.float32, device=W.device)
         zero = torch.empty(N, K // G, dtype=torch.int32, device=W.device)
-    loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    loss = torch.zeros(N, dtype=torch.float32, device=W.device)  # per row: rows are independent problems
     for i1 in range(0, K, cfg.block_size):
         i2 = min(i1 + cfg.block_size, K)
         W1 = W[:, i1:i2].clone()                     # [N, B]
@@ -165,11 +165,11 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int
             q = quantize(w, scale[:, g], zero[:, g], cfg.bits)
             codes[:, j] = q
             err = (w - dequantize(q, scale[:, g], zero[:, g])) / d  # [N]
-            loss += err.square().sum() / 2           # sum over rows of (w - q)^2 / d^2 / 2
+            loss += err.square() / 2                 # (w - q)^2 / d^2 / 2
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]         # lazy batch update of all later columns
-    return codes, scale, zero, loss.item()
+    return codes, scale, zero, loss
 
 
 @torch.no_grad()
@@ -184,7 +184,9 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear") -
     qparams come from the unpermuted weight first, so g_idx = i // G (as for NATURAL and GROUP_AWARE).
     Columns go in blocks of cfg.block_size; qparams are fixed at each group's first column (min/max, or
     the cfg.clip_steps range search of grid.search_qparams).
-    Returns codes in original column order, scale/zero [N, K // G], proxy_loss and the damp used.
+    Rows are independent problems given H (the order depends on H only), so linears sharing one H may be solved
+    stacked along N and split with QuantizedWeight.split_rows: the same codes as solving each alone (tested).
+    Returns codes in original column order, scale/zero [N, K // G], proxy_loss (and per row) and the damp used.
     """
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ConfigError(f"{name}: GPTQ needs w [N, K] and h [K, K], "
@@ -216,4 +218,5 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear") -
         codes = codes[:, invperm]
         if cfg.order is Order.ACT and static is None:
             g_idx = invperm // G
-    return QuantizedWeight(codes, scale, zero, g_idx.to(torch.int32), perm, cfg.bits, loss, damp)
+    return QuantizedWeight(codes, scale, zero, g_idx.to(torch.int32), perm, cfg.bits, float(loss.sum()), damp,
+                           loss.cpu())

@@ -30,6 +30,18 @@ class QuantizedWeight:
     bits: int
     proxy_loss: float     # sum of GPTQ per-column losses; 0.0 for RTN
     damp: float           # damping fraction of mean(diag H) actually used; 0.0 for RTN
+    row_loss: Tensor | None = None  # [N] fp32 GPTQ loss per output row (proxy_loss is its sum); None for RTN
+
+    def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
+        """The weights of linears stacked along N (one shared-H solve), apart again: one per size."""
+        out, r = [], 0
+        for n in sizes:
+            rows = slice(r, r + n)
+            loss = self.row_loss[rows] if self.row_loss is not None else None
+            out.append(QuantizedWeight(self.codes[rows], self.scale[rows], self.zero[rows], self.g_idx, self.perm,
+                                       self.bits, float(loss.sum()) if loss is not None else 0.0, self.damp, loss))
+            r += n
+        return out
 
 
 def resolve_group_size(k: int, group_size: int, name: str = "linear") -> int:
