@@ -17,6 +17,18 @@ def _check_group_size(section: str, group_size: int) -> None:
         raise ConfigError(f"{section}.group_size must be -1 (per-channel) or a positive multiple of 8, got {group_size}")
 
 
+def resolve_group_size(k: int, group_size: int, name: str = "linear") -> int:
+    """Columns per group G for a layer with in_features k; group_size -1 means one group over all k.
+    (Here, not in quant/, so pre-flight can check every layer before torch is imported.)"""
+    if group_size == -1:
+        return k
+    if group_size < 1 or k % group_size:
+        fits = [g for g in (16, 32, 64, 128, 256, 512, 1024) if k % g == 0]
+        hint = f"use {', '.join(map(str, fits))} or -1" if fits else "use -1 (per-channel)"
+        raise ConfigError(f"{name}: in_features={k} is not divisible by group_size={group_size}; {hint}")
+    return group_size
+
+
 class Order(Enum):
     """The order GPTQ solves a Linear's input columns in (it decides which columns absorb the others' error)."""
 
@@ -217,7 +229,7 @@ class VerifyConfig:
         if self.seqlen < MIN_SEQLEN:
             raise ConfigError(f"verify.seqlen (--seqlen) must be >= {MIN_SEQLEN} tokens, got {self.seqlen}")
         if self.top_k < 1 or self.max_windows < 0 or self.vram_gib <= 0 or self.context < 0:
-            raise ConfigError("verify: seqlen >= 2, top_k >= 1, max_windows >= 0, vram_gib > 0, context >= 0")
+            raise ConfigError("verify: top_k >= 1, max_windows >= 0, vram_gib > 0, context >= 0")
 
 
 @dataclass(frozen=True)

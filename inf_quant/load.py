@@ -20,11 +20,8 @@ from torch import nn
 from .config import Layout
 from .errors import CheckpointError
 from .layermap import LayerMap, layer_map_for
+from .preflight import PICKLES, check_checkpoint
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SINGLE = ("pytorch_model.bin", "model.pt", "pytorch_model.pt")
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32,
              "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64, "BOOL": torch.bool}
 
@@ -122,42 +119,22 @@ def _read_infos(ckpt: Checkpoint) -> dict[str, TensorInfo]:
 
 
 def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
-    """Open a checkpoint directory: config.json plus an index + shards, or a single safetensors file."""
+    """Open a checkpoint directory: config.json plus an index + shards, or a single safetensors file. Its config,
+    index and every shard header are checked first (preflight.check_checkpoint)."""
+    checked = check_checkpoint(path, allow_pickle, bf16_input=False)
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; pass a checkpoint directory holding config.json")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: config.json is missing; this does not look like a transformers checkpoint")
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
-    weight_map, pickle = _weight_map(path, allow_pickle)
-    missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
-    if missing:
-        raise CheckpointError(f"{path}: the index names shard files that are missing: {', '.join(missing)}")
-    return Checkpoint(path, config, weight_map, pickle)
+    if checked.weight_map:
+        return Checkpoint(path, checked.config, checked.weight_map)
+    return Checkpoint(path, checked.config, _pickle_weight_map(path), pickle=True)  # allowed, headers not checked
 
 
-def _weight_map(path: Path, allow_pickle: bool) -> tuple[dict[str, str], bool]:
-    if (path / SAFE_INDEX).is_file():
-        return dict(json.loads((path / SAFE_INDEX).read_text())["weight_map"]), False
-    if (path / SAFE_SINGLE).is_file():
-        with safe_open(str(path / SAFE_SINGLE), framework="pt") as f:
-            return {k: SAFE_SINGLE for k in f.keys()}, False
-    pickles = [p for p in (PICKLE_INDEX, *PICKLE_SINGLE) if (path / p).is_file()]
-    if not pickles:
-        raise CheckpointError(f"{path}: no {SAFE_INDEX} or {SAFE_SINGLE} found")
-    if not allow_pickle:
-        raise CheckpointError(
-            f"{path}: weights are torch pickle files ({pickles[0]}), which can execute code when loaded; "
-            "convert them to safetensors or pass --allow-pickle if you trust the source"
-        )
-    if pickles[0] == PICKLE_INDEX:
-        return dict(json.loads((path / PICKLE_INDEX).read_text())["weight_map"]), True
-    sd = torch.load(path / pickles[0], map_location="meta", mmap=True, weights_only=True)
-    return {k: pickles[0] for k in sd}, True
+def _pickle_weight_map(path: Path) -> dict[str, str]:
+    index, *singles = PICKLES
+    if (path / index).is_file():
+        return dict(json.loads((path / index).read_text())["weight_map"])
+    single = next(p for p in singles if (path / p).is_file())
+    sd = torch.load(path / single, map_location="meta", mmap=True, weights_only=True)
+    return {k: single for k in sd}
 
 
 def hf_config(ckpt: Checkpoint, trust_remote_code: bool = False):

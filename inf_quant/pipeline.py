@@ -26,7 +26,7 @@ from torch import nn
 from . import output, preflight
 from .calibrate import calibration_files, document_ids, files_sha256, sample_windows
 from .config import Device, DType, Method, Recipe
-from .errors import CheckpointError, ConfigError, resumable
+from .errors import CheckpointError, ConfigError
 from .export import check_layout
 from .layermap import LayerMap
 from .load import Checkpoint, hf_config, load_block, load_named, open_checkpoint, rotary, skeleton

@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import resolve_group_size
 from .errors import CheckpointError, ConfigError
 from .layermap import LayerMap, expected_tensors, layer_map_for
 
@@ -269,10 +270,7 @@ def check_group_sizes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, group_
             if t is None or full in skip:
                 continue
             n, k = t.shape
-            if group_size != -1 and k % group_size:
-                fits = [g for g in (16, 32, 64, 128, 256, 512, 1024) if k % g == 0]
-                hint = f"use {', '.join(map(str, fits))} or -1" if fits else "use -1 (per-channel)"
-                raise ConfigError(f"{full}: in_features={k} is not divisible by group_size={group_size}; {hint}")
+            resolve_group_size(k, group_size, full)
             if n % 8 or k % 8:
                 raise ConfigError(f"{full}: shape [{n}, {k}] cannot be packed ({method} needs out and in features "
                                   "divisible by 8); this model cannot be written in GPTQ/AWQ int32 packing")

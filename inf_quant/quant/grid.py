@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import resolve_group_size
 from ..errors import ConfigError
 
 
@@ -42,20 +43,6 @@ class QuantizedWeight:
                                        self.bits, float(loss.sum()) if loss is not None else 0.0, self.damp, loss))
             r += n
         return out
-
-
-def resolve_group_size(k: int, group_size: int, name: str = "linear") -> int:
-    """Columns per group G for a layer with in_features k; group_size -1 means one group over all k."""
-    if group_size == -1:
-        return k
-    if group_size < 1 or k % group_size:
-        fits = [g for g in (16, 32, 64, 128, 256, 512, 1024) if k % g == 0]
-        hint = f"use {', '.join(map(str, fits))} or -1" if fits else "use -1 (per-channel)"
-        raise ConfigError(
-            f"{name}: in_features={k} is not divisible by group_size={group_size}; "
-            f"{hint}"
-        )
-    return group_size
 
 
 def _check_bits(bits: int) -> None:
