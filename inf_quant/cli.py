@@ -9,18 +9,11 @@ transformers is imported; library output is kept off the terminal (and in the cr
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import json
-import logging
-import os
 import sys
-import time
-import traceback
-import warnings
-from pathlib import Path
 
 from . import __version__
+from .console import crash_log, environment_advice, library_stdout, one_line, terminal
 
 EXAMPLES = """examples:
   inf-quant gptq --bits 4                           # the bundled model -> out/inf-tiny-gptq-w4g128
@@ -31,9 +24,6 @@ EXAMPLES = """examples:
   inf-quant gptq --bits 4 --serve-as stablelm        # loads in vLLM/SGLang/transformers without remote code
   inf-quant export --as stablelm out/inf-tiny-gptq-w4g128 out/inf-tiny-gptq-w4g128-stablelm
 """
-
-log = logging.getLogger("inf_quant")
-
 
 def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
     p.add_argument("--model", help="bf16 checkpoint directory (default: the bundled models/inf-tiny)")
@@ -222,7 +212,7 @@ def _quantize(args) -> int:
 
     from .pipeline import quantize
 
-    with _library_stdout(args):
+    with library_stdout(args):
         report = quantize(recipe, progress=_Progress(args.quiet or args.json))
     print(json.dumps(report.summary(), sort_keys=True) if args.json else report.to_text())
     return 0
@@ -248,7 +238,7 @@ def _verify(args) -> int:
 
     from .verify import verify
 
-    with _library_stdout(args):
+    with library_stdout(args):
         report = verify(cfg)
     print(json.dumps(report.data, sort_keys=True) if args.json else report.to_text())
     return 0 if report.passed else 1
@@ -274,7 +264,7 @@ def _release(args) -> int:
         return 1 if problems else 0
     if not (args.recipes and args.out):
         raise ConfigError("release needs --recipes DIR and --out DIR (or --check RELEASE_DIR)")
-    with _library_stdout(args):
+    with library_stdout(args):
         report = release(args.recipes, args.out, args.model, tuple(args.only), args.resume, args.force,
                          progress=_Progress(args.quiet or args.json),
                          serve_as=Layout(args.serve_as) if args.serve_as else None)
@@ -298,120 +288,9 @@ COMMANDS = {"gptq": _quantize, "awq": _quantize, "verify": _verify, "fit": _fit,
             "release": _release, "export": _export}
 
 
-NOISY = ("torch", "torch.utils._pytree", "torchao", "transformers", "gptqmodel", "logbar", "optimum", "accelerate", "huggingface_hub",
-         "urllib3", "tokenizers", "device_smi", "datasets", "defuser")
-_recent: collections.deque = collections.deque(maxlen=2000)  # library (and our) log lines, for the crash log
-
-
-class _Recent(logging.Handler):
-    def emit(self, record):
-        with contextlib.suppress(Exception):
-            _recent.append(self.format(record))
-
-
-@contextlib.contextmanager
-def _logging(verbose: bool):
-    """Our log lines (logger inf_quant) at INF_QUANT_LOG (default INFO) on stderr; the libraries' only with
-    --verbose. Everything, shown or not, is also kept for the crash log. Restored on exit (main() may run
-    in-process, e.g. under pytest)."""
-    fmt = logging.Formatter("%(levelname)s %(name)s: %(message)s")
-    term, recent = logging.StreamHandler(sys.stderr), _Recent()
-    for h in (term, recent):
-        h.setFormatter(fmt)
-    ours, root = logging.getLogger("inf_quant"), logging.getLogger()
-    saved = [(lg, lg.level, lg.propagate) for lg in (ours, root, *map(logging.getLogger, NOISY))]
-    ours.setLevel(os.environ.get("INF_QUANT_LOG", "INFO"))
-    ours.propagate = False
-    ours.addHandler(term)
-    ours.addHandler(recent)
-    root.setLevel(min(root.level or logging.INFO, logging.INFO))
-    root.addHandler(recent)
-    if verbose:
-        root.addHandler(term)
-    logging.captureWarnings(True)
-    if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
-        for name in NOISY:  # some add their own stderr handlers (torch, transformers): no propagation to root
-            logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            if not verbose:
-                warnings.simplefilter("ignore")  # library Future/Deprecation/User warnings
-            yield
-    finally:
-        logging.captureWarnings(False)
-        for h in (term, recent):
-            ours.removeHandler(h)
-            root.removeHandler(h)
-        for lg, level, propagate in saved:
-            lg.setLevel(level)
-            lg.propagate = propagate
-
-
-@contextlib.contextmanager
-def _library_stdout(args):
-    """The loading stack prints banners on stdout, which is for our output: to stderr with --verbose, else into
-    the crash log only."""
-    if getattr(args, "verbose", False):
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-        return
-
-    class _Sink:
-        def write(self, s):
-            if s.strip():
-                _recent.append(s.rstrip())
-            return len(s)
-
-        def flush(self):
-            pass
-
-    with contextlib.redirect_stdout(_Sink()):
-        yield
-
-
-def crash_log_dir() -> Path:
-    d = os.environ.get("INF_QUANT_LOG_DIR")
-    return Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant" / "logs"
-
-
-def _crash_log(argv, e: BaseException) -> Path | None:
-    try:
-        d = crash_log_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        p = d / f"inf-quant-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        p.write_text(f"inf-quant {__version__}\nargv: {json.dumps(argv)}\n\n" + "\n".join(_recent) + "\n\n"
-                     + "".join(traceback.format_exception(e)))
-        return p
-    except OSError:
-        return None
-
-
-def _line(e: BaseException) -> str:
-    """The exception's message and the notes added on the way up (cleanup done), on one line."""
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return "; ".join([msg, *getattr(e, "__notes__", ())])
-
-
-def _environment_error(e: OSError) -> str | None:
-    """One-line advice for the OS errors users can fix; None for the rest."""
-    import errno
-
-    where = e.filename or "a file"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full writing {where}: free space or choose --out on another disk"
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"cannot write {where} ({e.strerror}): choose an output location you can write"
-    if e.errno == errno.ENOENT and e.filename:
-        return f"{where}: no such file or directory (was it removed during the run?)"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _logging(getattr(args, "verbose", False)):
+    with terminal(getattr(args, "verbose", False)):
         return _run(args, argv)
 
 
@@ -424,7 +303,7 @@ def _run(args, argv) -> int:
         print(f"inf-quant: {e}", file=sys.stderr)
         return 1
     except InfQuantError as e:
-        print(f"inf-quant: error: {_line(e)}", file=sys.stderr)
+        print(f"inf-quant: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("inf-quant: interrupted; rerun with --resume to continue", file=sys.stderr)
@@ -436,11 +315,11 @@ def _run(args, argv) -> int:
                   f"{getattr(args, 'forward_batch', None) or 'default 4'}), --samples or --seqlen; " + "; ".join(notes),
                   file=sys.stderr)
             return 2
-        if isinstance(e, OSError) and (advice := _environment_error(e)):
+        if isinstance(e, OSError) and (advice := environment_advice(e)):
             print(f"inf-quant: error: {'; '.join([advice, *getattr(e, '__notes__', ())])}", file=sys.stderr)
             return 2
-        log_file = _crash_log(sys.argv[1:] if argv is None else argv, e)
-        print(f"inf-quant: internal error: {type(e).__name__}: {_line(e)[:300]} (traceback in {log_file}; "
+        log_file = crash_log(sys.argv[1:] if argv is None else argv, e)
+        print(f"inf-quant: internal error: {type(e).__name__}: {one_line(e)[:300]} (traceback in {log_file}; "
               "please report it)", file=sys.stderr)
         return 3
 

@@ -1,0 +1,127 @@
+"""What reaches the user's terminal: our log lines, the libraries' (only with --verbose), one-line error text, and
+the crash log that holds everything else (traceback + recent log lines) when the CLI exits 3."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+from . import __version__
+
+NOISY = ("torch", "torch.utils._pytree", "torchao", "transformers", "gptqmodel", "logbar", "optimum", "accelerate",
+         "huggingface_hub", "urllib3", "tokenizers", "device_smi", "datasets", "defuser")
+_recent: collections.deque = collections.deque(maxlen=2000)  # library (and our) log lines, for the crash log
+
+
+class _Recent(logging.Handler):
+    def emit(self, record):
+        with contextlib.suppress(Exception):
+            _recent.append(self.format(record))
+
+
+@contextlib.contextmanager
+def terminal(verbose: bool):
+    """Our log lines (logger inf_quant) at INF_QUANT_LOG (default INFO) on stderr; the libraries' only with
+    --verbose. Everything, shown or not, is also kept for the crash log. Restored on exit (main() may run
+    in-process, e.g. under pytest)."""
+    fmt = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    term, recent = logging.StreamHandler(sys.stderr), _Recent()
+    for h in (term, recent):
+        h.setFormatter(fmt)
+    ours, root = logging.getLogger("inf_quant"), logging.getLogger()
+    saved = [(lg, lg.level, lg.propagate) for lg in (ours, root, *map(logging.getLogger, NOISY))]
+    ours.setLevel(os.environ.get("INF_QUANT_LOG", "INFO"))
+    ours.propagate = False
+    ours.addHandler(term)
+    ours.addHandler(recent)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    root.addHandler(recent)
+    if verbose:
+        root.addHandler(term)
+    logging.captureWarnings(True)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
+        for name in NOISY:  # some add their own stderr handlers (torch, transformers): no propagation to root
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")  # library Future/Deprecation/User warnings
+            yield
+    finally:
+        logging.captureWarnings(False)
+        for h in (term, recent):
+            ours.removeHandler(h)
+            root.removeHandler(h)
+        for lg, level, propagate in saved:
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
+@contextlib.contextmanager
+def library_stdout(args):
+    """The loading stack prints banners on stdout, which is for our output: to stderr with --verbose, else into
+    the crash log only."""
+    if getattr(args, "verbose", False):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+
+    class _Sink:
+        def write(self, s):
+            if s.strip():
+                _recent.append(s.rstrip())
+            return len(s)
+
+        def flush(self):
+            pass
+
+    with contextlib.redirect_stdout(_Sink()):
+        yield
+
+
+def crash_log_dir() -> Path:
+    d = os.environ.get("INF_QUANT_LOG_DIR")
+    return Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant" / "logs"
+
+
+def crash_log(argv, e: BaseException) -> Path | None:
+    try:
+        d = crash_log_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"inf-quant-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        p.write_text(f"inf-quant {__version__}\nargv: {json.dumps(argv)}\n\n" + "\n".join(_recent) + "\n\n"
+                     + "".join(traceback.format_exception(e)))
+        return p
+    except OSError:
+        return None
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message and the notes added on the way up (cleanup done), on one line."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return "; ".join([msg, *getattr(e, "__notes__", ())])
+
+
+def environment_advice(e: OSError) -> str | None:
+    """One-line advice for the OS errors users can fix; None for the rest."""
+    import errno
+
+    where = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full writing {where}: free space or choose --out on another disk"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {where} ({e.strerror}): choose an output location you can write"
+    if e.errno == errno.ENOENT and e.filename:
+        return f"{where}: no such file or directory (was it removed during the run?)"
+    return None
