@@ -28,6 +28,7 @@ from .load import open_checkpoint
 from .metrics import kl_topk, summarize, top1_agreement
 from .paths import resolve_model_path
 from .pipeline import resolve_device
+from .report import signed_pct
 from .tokenizer import load_tokenizer
 from .write import write_json
 
@@ -50,7 +51,8 @@ class VerifyReport:
         lines.append(f"{'domain':<6} {'tokens':>7} {'ppl bf16':>9} {'ppl quant':>9} {'delta %':>8} {'KL':>8} {'top-1':>6}")
         for dom, m in self.data["metrics"].items():
             lines.append(f"{dom:<6} {m['tokens']:>7} {m['ppl_baseline']:>9.3f} {m['ppl_quantized']:>9.3f} "
-                         f"{m['ppl_increase_pct']:>+8.2f} {m['kl_mean']:>8.4f} {m['top1_agreement']:>6.3f}")
+                         f"{signed_pct(m['ppl_increase_pct'], 2).removesuffix(' %'):>8} {m['kl_mean']:>8.4f} "
+                         f"{m['top1_agreement']:>6.3f}")
         failed = [g for g in self.data["gates"] if not g["passed"]]
         for g in failed:
             lines.append(f"gate failed: {g['name']} [{g['domain']}] value {g['value']:.4g}, threshold {g['threshold']:g}")
