@@ -16,14 +16,14 @@ Per layer, in this order:
    (a norm: weight AND bias for LayerNorm; a linear: its output rows, only where shapes allow).
 3. Quantize, by awq.solve:
    - `gptq` (default): with every scale folded (norms rounded to the checkpoint's bf16 first, as written), the
-     layer is quantized by pipeline.gptq_block on the AWQ grid (asymmetric, AWQ's group size, group-aware order,
+     layer is quantized by gptq_block.gptq_block on the AWQ grid (asymmetric, AWQ's group size, group-aware order,
      so groups stay i // G as the gemm format needs) -- true sequential: each group's Hessian comes from all S
      samples run through the earlier groups already quantized. Written in the same AWQ gemm format.
    - `rtn` (AutoAWQ's): linear by linear, the clip threshold is searched on the group's scaled input (skipped
      for the group's `no_clip` linears, q/k), applied, and the weight rounded to nearest on AWQ's grid.
    Either way the block's weights are replaced by their dequantized values.
 
-The block ends with the dequantized weights and folded norms; pipeline.forward_all then runs it on all S samples,
+The block ends with the dequantized weights and folded norms; forward.forward_all then runs it on all S samples,
 so layer i+1 is calibrated on this quantized layer's outputs. Extra memory per layer: the captured inputs,
 n T sum_groups(K) fp32 (2.9 GiB for INF-34B at search_tokens=16384: 16384 x (3 x 8192 + 22016) x 4 B), one
 inspect module's reference output [n, T, D] fp32 (512 MiB) and its activations for forward_batch samples.
@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from .config import Method, WeightSolve
+from .forward import run_block
+from .gptq_block import gptq_block, keep_bf16
 from .qformat import from_tensors, to_tensors
 from .quant.awq import (apply_clip, awq_quantize, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
                         scale_linear_inputs, search_clip, search_scale)
@@ -56,8 +58,6 @@ def capture_group_inputs(block: nn.Module, groups, hidden: torch.Tensor, rope: t
                          batch: int) -> tuple[list[torch.Tensor], list[dict]]:
     """One pass of the layer on hidden: [n, T, D]. Returns each group's input [n, T, K] fp32 and the keyword
     arguments its `inspect` module was called with ({} for groups without one)."""
-    from .pipeline import run_block
-
     store: list[list[torch.Tensor]] = [[] for _ in groups]
     kwargs: list[dict] = [{} for _ in groups]
     handles = []
@@ -152,7 +152,6 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     Returns (checkpoint tensors, per-linear loss, notes, chosen scale per group: label -> (form, alpha), or
     ("none", 0.0) where no scale could be folded, and the layer's output [S, T, D] (solve=gptq) or None).
     """
-    from .pipeline import gptq_block, keep_bf16
 
     cfg, prefix, groups, batch = ctx.recipe.awq, ctx.lmap.block_prefix(i), ctx.lmap.groups, ctx.recipe.run.forward_batch
     head_dim = getattr(ctx.config, "head_dim", None) or ctx.config.hidden_size // ctx.config.num_attention_heads

@@ -18,6 +18,7 @@ import torch
 
 from . import __version__
 from .calibrate import file_sha256
+from .forward import forward_all
 from .load import Checkpoint, hf_config, load_block, load_named, rotary, skeleton
 from .metrics import topk_logprobs
 
@@ -72,8 +73,6 @@ def streamed_logprobs(ckpt: Checkpoint, windows: torch.Tensor, top_k: int, devic
 
     Memory: one layer + hidden states [S, T, D] (e.g. 48 windows x 2048 x 8192 fp32 = 3 GiB for INF-34B).
     """
-    from .pipeline import forward_all
-
     config = hf_config(ckpt, trust_remote_code)
     lm, skel = ckpt.layer_map, skeleton(config)
     hidden = load_named(ckpt, skel, lm.embed, device, dtype)(windows.to(device))

@@ -35,7 +35,8 @@ def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
     p.add_argument("--samples", type=int, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, max_position_embeddings))")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (default: cuda if available)")
+    p.add_argument("--device", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="compute device (default: cuda if available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
                    help="forward compute dtype (default auto: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--forward-batch", type=int, help="calibration samples per forward chunk (default 4)")
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--kv-dtype", choices=["fp16", "bf16", "fp8"], help="KV cache dtype (default fp16)")
     v.add_argument("--report", help="directory for verify.json/report.md (default: the quantized directory)")
     v.add_argument("--cache-dir", help="baseline cache (default ~/.cache/inf-quant)")
-    v.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    v.add_argument("--device", metavar="{auto,cpu,cuda,cuda:N}", help="default: cuda if available")
     v.add_argument("--json", action="store_true", help="print verify.json instead of the summary")
     v.add_argument("--trust-remote-code", action="store_true", help="run the checkpoints' own Python code")
     f = sub.add_parser("fit", help="analytic VRAM verdict: does a checkpoint fit a card, and at what context",
@@ -153,7 +154,7 @@ def _given(**kw) -> dict:
 
 def recipe_from_args(args: argparse.Namespace):
     from .config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
-                         OutputConfig, Recipe, RunConfig, WeightSolve)
+                         OutputConfig, Recipe, RunConfig, WeightSolve, parse_device)
 
     method = Method(args.command)
     q = _given(bits=args.bits, group_size=args.group_size)
@@ -169,7 +170,8 @@ def recipe_from_args(args: argparse.Namespace):
         calibration=CalibConfig(**_given(source=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)),
         gptq=GPTQConfig(**q) if method is Method.GPTQ else GPTQConfig(),
         awq=AWQConfig(**q) if method is Method.AWQ else AWQConfig(),
-        run=RunConfig(**_given(device=Device(args.device) if args.device else None,
+        run=RunConfig(**_given(device=parse_device(args.device)[0] if args.device else None,
+                             gpu=parse_device(args.device)[1] if args.device else None,
                              dtype=DType(args.dtype) if args.dtype else None, forward_batch=args.forward_batch)),
         skip=tuple(args.skip or ()),
         output=OutputConfig(**_given(dir=args.out, shard_gb=args.shard_gb,
@@ -219,12 +221,13 @@ def _quantize(args) -> int:
 
 
 def verify_config_from_args(args):
-    from .config import Device, Gates, VerifyConfig
+    from .config import Device, Gates, VerifyConfig, parse_device
 
     return VerifyConfig(quantized=args.quantized, baseline=args.baseline or "bundled", trust_remote_code=args.trust_remote_code,
                         gates=Gates(**_given(max_ppl_increase_pct=args.max_ppl_increase_pct, max_kl=args.max_kl,
                                            min_top1_agreement=args.min_top1_agreement)),
-                        device=Device(args.device) if args.device else Device.AUTO,
+                        device=parse_device(args.device)[0] if args.device else Device.AUTO,
+                        gpu=parse_device(args.device)[1] if args.device else 0,
                         **_given(eval=args.eval, seqlen=args.seqlen, max_windows=args.max_windows, vram_gib=args.vram_gib,
                                context=args.context, kv_dtype=args.kv_dtype, report_dir=args.report,
                                cache_dir=args.cache_dir))

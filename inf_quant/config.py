@@ -129,6 +129,18 @@ class Device(Enum):
     CUDA = "cuda"
 
 
+def parse_device(text: str) -> tuple[Device, int]:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> (Device, GPU index); the CLI's --device."""
+    name, _, index = text.partition(":")
+    try:
+        dev = Device(name)
+        if index and (dev is not Device.CUDA or not index.isdigit()):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--device {text!r}: use auto, cpu, cuda or cuda:N (N = the GPU index)") from None
+    return dev, int(index or 0)
+
+
 class DType(Enum):
     AUTO = "auto"  # bfloat16 on CUDA; float32 on CPU (exact upcast of bf16 weights; CPUs without bf16 units run it 6x faster)
     BF16 = "bfloat16"
@@ -161,6 +173,7 @@ class CalibConfig:
 @dataclass(frozen=True)
 class RunConfig:
     device: Device = Device.AUTO
+    gpu: int = 0               # CUDA device index (--device cuda:N)
     dtype: DType = DType.AUTO  # forward-pass compute dtype; Hessians and solves are always fp32
     forward_batch: int = 4     # calibration samples per forward chunk
 
@@ -217,6 +230,7 @@ class VerifyConfig:
     top_k: int = 32               # baseline log-probs cached per position (KL support)
     gates: Gates = field(default_factory=Gates)
     device: Device = Device.AUTO
+    gpu: int = 0                  # CUDA device index (--device cuda:N)
     vram_gib: float = 24.0
     context: int = 0              # 0 = the model's max_position_embeddings
     kv_dtype: str = "fp16"

@@ -37,8 +37,10 @@ class LayerMap:
     groups: tuple[LinearGroup, ...]  # quantized in this order; each sees earlier groups quantized
     shapes: dict = field(default_factory=dict, hash=False)  # linear -> (out dim, in dim), names of DIMS
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
-    # the decoder layer as residual halves, h = x + module(norm(x)), in order (pipeline.run_half)
+    # the decoder layer as residual halves, h = x + module(norm(x)), in order (forward.run_half)
     halves: tuple[tuple[str, str], ...] = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
+    # per half, the linear whose output IS the module's output: the half is x + out_linear(its input)
+    half_outputs: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
 
     @property
     def linears(self) -> tuple[str, ...]:

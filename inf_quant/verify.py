@@ -27,7 +27,7 @@ from .fit import fit_checkpoint
 from .load import open_checkpoint
 from .metrics import kl_topk, summarize, top1_agreement
 from .paths import resolve_model_path
-from .pipeline import resolve_device
+from .device import resolve_device
 from .report import signed_pct
 from .tokenizer import load_tokenizer
 from .write import write_json
@@ -186,7 +186,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     bdir = resolve_model_path(cfg.baseline)
     qckpt, bckpt = open_checkpoint(qdir), open_checkpoint(bdir)
     check_pair(qckpt.config, bckpt.config, qdir, bdir)
-    device, dtype = resolve_device(cfg.device)
+    device, dtype = resolve_device(cfg.device, gpu=cfg.gpu)
     eval_file = resolve_text_file(cfg.eval)
     max_pos = int(bckpt.config.get("max_position_embeddings", cfg.seqlen))
     windows, doms = domain_windows(load_tokenizer(bdir, cfg.trust_remote_code), read_records(eval_file),

@@ -471,7 +471,7 @@ def test_scale_summary_aggregates_over_layers():
 @torch.no_grad()
 def test_folding_every_group_keeps_the_layer_output(model_type):
     """All four searched scales folded (LayerNorm + bias / RMSNorm, GQA v -> o, up -> down), nothing quantized."""
-    from inf_quant.pipeline import run_block
+    from inf_quant.forward import run_block
 
     block, hidden, rope, xs, kwargs = _captured(54, model_type)
     expected = run_block(block, hidden, rope)

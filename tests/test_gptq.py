@@ -292,19 +292,20 @@ def test_search_qparams_without_steps_is_min_max():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("order, static, sym", [(Order.NATURAL, False, True), (Order.GROUP_AWARE, False, True),
-                                                (Order.ACT, False, True), (Order.ACT, True, True),
-                                                (Order.GROUP_AWARE, False, False)])
-def test_linears_sharing_h_solved_stacked_give_the_codes_of_each_solved_alone(order, static, sym):
-    """pipeline.gptq_block solves q/k/v (and gate/up) as one [sum N, K] problem: rows are independent given H."""
+@pytest.mark.parametrize("order, static, sym, k, ns, gs", [
+    (Order.NATURAL, False, True, 128, (96, 32, 32), 32), (Order.GROUP_AWARE, False, True, 128, (96, 32, 32), 32),
+    (Order.ACT, False, True, 128, (96, 32, 32), 32), (Order.ACT, True, True, 128, (96, 32, 32), 32),
+    (Order.GROUP_AWARE, False, False, 128, (96, 32, 32), 32),
+    (Order.GROUP_AWARE, False, True, 1024, (1024, 128, 128), 128)])  # the mid-size INF-shaped q/k/v (1/8 scale)
+def test_linears_sharing_h_solved_stacked_give_the_codes_of_each_solved_alone(order, static, sym, k, ns, gs):
+    """gptq_block solves q/k/v (and gate/up) as one [sum N, K] problem: rows are independent given H."""
     g = torch.Generator().manual_seed(3)
-    k = 128
     x = torch.randn(2048, k, generator=g) * torch.rand(k, generator=g) * 3
     h = 2 * x.T @ x / len(x)
-    ws = [torch.randn(n, k, generator=g) for n in (96, 32, 32)]
-    cfg = GPTQConfig(bits=4, group_size=32, order=order, static_groups=static, sym=sym)
+    ws = [torch.randn(n, k, generator=g) for n in ns]
+    cfg = GPTQConfig(bits=4, group_size=gs, order=order, static_groups=static, sym=sym)
     alone = [gptq_quantize(w, h, cfg) for w in ws]
-    parts = gptq_quantize(torch.cat(ws), h, cfg).split_rows([96, 32, 32])
+    parts = gptq_quantize(torch.cat(ws), h, cfg).split_rows(list(ns))
     for a, b in zip(alone, parts):
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
         assert torch.equal(a.g_idx, b.g_idx) and a.damp == b.damp

@@ -235,7 +235,7 @@ def test_the_layer_halves_compose_to_the_whole_layer_exactly(tiny_ckpt):
     """gptq_block captures the MLP groups from the attention half's output instead of re-running attention;
     that is only the same math if the halves of LayerMap.halves are the layer, bit for bit."""
     from inf_quant.load import hf_config, load_block, open_checkpoint, rotary, skeleton
-    from inf_quant.pipeline import run_block, run_half
+    from inf_quant.forward import run_block, run_half
 
     ck = open_checkpoint(tiny_ckpt)
     cfg = hf_config(ck)
@@ -247,3 +247,13 @@ def test_the_layer_halves_compose_to_the_whole_layer_exactly(tiny_ckpt):
         for half in ck.layer_map.halves:
             h = run_half(block, half, h, rope)
         assert torch.equal(h, run_block(block, x, rope))
+        # each half is x + its output linear (LayerMap.half_outputs) on that linear's input, bit for bit:
+        # gptq_block finishes the attention half from o_proj's captured input instead of re-running attention
+        h = x
+        for half, out_name in zip(ck.layer_map.halves, ck.layer_map.half_outputs):
+            seen = []
+            handle = block.get_submodule(out_name).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+            full = run_half(block, half, h, rope)
+            handle.remove()
+            assert torch.equal(full, h + block.get_submodule(out_name)(seen[0])), out_name
+            h = full

@@ -22,6 +22,8 @@ from .grid import QuantizedWeight, dequantize, quantize, resolve_group_size, sea
 
 log = logging.getLogger(__name__)
 
+SUB = 16  # columns per run inside a block of the column loop (_solve)
+
 
 def accumulate_hessian(h: Tensor | None, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
     """Fold a batch of layer inputs into the running GPTQ Hessian H = 2/n * X^T X.
@@ -142,6 +144,12 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int
             at its first solve position (j % G == 0; each group's G columns are consecutive in solve order)
             from the current weights of the G columns starting there.
     returns codes [N, K] uint8 (solve order), scale and zero [N, n_groups], the proxy loss per row [N].
+
+    Two levels of lazy updates: columns go in blocks of cfg.block_size (B) whose error reaches the later columns
+    in one GEMM, and inside a block in runs of SUB columns whose error reaches the rest of the block in one GEMM;
+    a column's rank-1 update touches only its run. A run is cut short where a group's qparams are fixed, so the
+    weights they are fixed from are current. Same math as the column-by-column update (tested against it); only
+    the float summation order of the updates differs.
     """
     N, K = W.shape
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
@@ -150,24 +158,38 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int
     else:
         scale = torch.empty(N, K // G, dtype=torch.float32, device=W.device)
         zero = torch.empty(N, K // G, dtype=torch.int32, device=W.device)
+    maxq = 2**cfg.bits - 1
     loss = torch.zeros(N, dtype=torch.float32, device=W.device)  # per row: rows are independent problems
     for i1 in range(0, K, cfg.block_size):
         i2 = min(i1 + cfg.block_size, K)
+        B = i2 - i1
         W1 = W[:, i1:i2].clone()                     # [N, B]
         Err1 = torch.zeros_like(W1)                  # [N, B]
         Hinv1 = Hinv[i1:i2, i1:i2]                   # [B, B]
-        for i in range(i2 - i1):
+        d1 = Hinv1.diagonal().tolist()
+        s1, g_cur = 0, None                          # start of the pending run; the group whose qparams are held
+        for i in range(B):
             j = i1 + i
+            if i % SUB == 0 and i > s1:              # end of a run: its error to the rest of the block
+                W1[:, i:] -= Err1[:, s1:i] @ Hinv1[s1:i, i:]
+                s1 = i
             g = col_group[j]
+            e = min((i // SUB + 1) * SUB, B)           # end of this column's run
             if static is None and j % G == 0:
+                if i > s1 and e < B:                 # the group's columns must be current: flush the run so far
+                    W1[:, e:] -= Err1[:, s1:i] @ Hinv1[s1:i, e:]  # (the run's own columns already are)
+                    s1 = i
                 scale[:, g], zero[:, g] = _group_qparams(_current_group(W, W1, Err1, Hinv, i1, i, G), cfg)
-            w, d = W1[:, i], Hinv1[i, i]
-            q = quantize(w, scale[:, g], zero[:, g], cfg.bits)
-            codes[:, j] = q
-            err = (w - dequantize(q, scale[:, g], zero[:, g])) / d  # [N]
-            loss += err.square() / 2                 # (w - q)^2 / d^2 / 2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            if g != g_cur:
+                sc, zf, g_cur = scale[:, g], zero[:, g].to(torch.float32), g
+            w = W1[:, i]
+            qf = torch.round(w / sc).add_(zf).clamp_(0, maxq)       # grid.quantize, kept in fp32
+            codes[:, j] = qf.to(torch.uint8)
+            err = (w - sc * (qf - zf)).div_(d1[i])                  # (w - grid.dequantize) / d, [N]
+            loss.addcmul_(err, err, value=0.5)                      # (w - q)^2 / d^2 / 2
             Err1[:, i] = err
+            if i + 1 < e:
+                W1[:, i + 1:e] -= err.unsqueeze(1) * Hinv1[i, i + 1:e].unsqueeze(0)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]         # lazy batch update of all later columns
     return codes, scale, zero, loss
 
