@@ -5,17 +5,8 @@
 
 Builds (once, into --work) a random-weight INF-architecture checkpoint with bench/gpu_probe.build (default: hidden
 1024, FFN 2816, 16/2 heads, 4 layers), then runs each tree's own CLI (`gptq --bits 4`, 32 x 512 calibration) in a
-fresh process per run, the trees alternating, repeat times. The child wraps the pipeline's functions (by name; a
-name a tree lacks is skipped) with timers that count exclusive seconds, so nested phases are not double-counted:
-
-    read     load.load_block (shards -> one decoder layer)
-    forward  the layer forwards (capture_inputs, forward_all, the per-half runs), less the Hessian hooks inside them
-    hessian  accumulate_hessian
-    factor   the damped Cholesky / inverse
-    columns  the blocked column loop (_solve)
-    setup    the rest of gptq_quantize (copies, permutation, static qparams)
-    pack     to_tensors + from_tensors (pack the codes, unpack the dequantized weight for propagation)
-    write    saving finished layers and publishing the checkpoint
+fresh process per run, the trees alternating, repeat times, with bench/phases.py's timers (exclusive seconds per
+phase; a name a tree lacks is skipped).
 
 Prints one Markdown table: per tree, the median over repeats of each phase, wall, CPU seconds (user+sys of the
 child) and peak RSS (the child's VmHWM), then after/before speed-ups. Not a test: timings vary with load.
@@ -24,7 +15,6 @@ child) and peak RSS (the child's VmHWM), then after/before speed-ups. Not a test
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -35,66 +25,21 @@ import sys
 import time
 from pathlib import Path
 
-PHASES = ["read", "forward", "hessian", "factor", "columns", "setup", "pack", "write"]
-# (module, attribute, phase); every module that imported the function by name is patched too
-TARGETS = [
-    ("inf_quant.load", "load_block", "read"),
-    ("inf_quant.pipeline", "capture_inputs", "forward"), ("inf_quant.forward", "capture_inputs", "forward"),
-    ("inf_quant.pipeline", "forward_all", "forward"), ("inf_quant.forward", "forward_all", "forward"),
-    ("inf_quant.pipeline", "_run_half_all", "forward"), ("inf_quant.forward", "run_half_all", "forward"),
-    ("inf_quant.quant.gptq", "accumulate_hessian", "hessian"),
-    ("inf_quant.quant.gptq", "_damped_hinv_", "factor"),
-    ("inf_quant.quant.gptq", "_solve", "columns"),
-    ("inf_quant.quant.gptq", "gptq_quantize", "setup"),
-    ("inf_quant.qformat", "to_tensors", "pack"), ("inf_quant.qformat", "from_tensors", "pack"),
-    ("inf_quant.output", "publish", "write"),
-]
-
+from phases import PHASES, install
 
 def _child(a) -> None:
     sys.path.insert(0, str(Path(a.tree[0]).resolve()))
-    import importlib
-
-    import inf_quant.output as output
     from inf_quant import cli
 
-    spent = dict.fromkeys(PHASES, 0.0)
-    stack: list[list] = []  # [phase, start, seconds of nested timed calls]
-
-    def timed(fn, phase):
-        def wrapper(*args, **kw):
-            stack.append([phase, time.perf_counter(), 0.0])
-            try:
-                return fn(*args, **kw)
-            finally:
-                ph, t0, inner = stack.pop()
-                total = time.perf_counter() - t0
-                spent[ph] += total - inner
-                if stack:
-                    stack[-1][2] += total
-        wrapper.__wrapped__ = fn
-        return wrapper
-
-    originals = {}
-    for mod_name, attr, phase in TARGETS:
-        with contextlib.suppress(ImportError):
-            mod = importlib.import_module(mod_name)
-            if hasattr(mod, attr) and (mod_name, attr) not in originals:
-                originals[(mod_name, attr)] = (getattr(mod, attr), phase)
-    wrapped = {id(fn): timed(fn, phase) for fn, phase in originals.values()}
-    for mod in [m for n, m in list(sys.modules.items()) if n.startswith("inf_quant") and m is not None]:
-        for attr, val in list(vars(mod).items()):
-            if callable(val) and id(val) in wrapped:
-                setattr(mod, attr, wrapped[id(val)])
-    save = output.WorkDir.save_layer
-    output.WorkDir.save_layer = timed(save, "write")
+    spent, peak = install()
     t0 = time.perf_counter()
     rc = cli.main(["gptq", "--bits", "4", "--model", a.model, "--out", a.out, "--samples", str(a.samples),
                    "--seqlen", str(a.seqlen), "--device", "cpu", "--force", "-q"])
     wall = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)
     hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    print(json.dumps({"rc": rc, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": hwm, "phases": spent}))
+    print(json.dumps({"rc": rc, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": hwm, "phases": spent,
+                      "rss_by_phase": peak}))
 
 
 def main() -> None:
@@ -149,6 +94,11 @@ def main() -> None:
         b, f = med[names[0]], med[names[1]]
         print(f"| {names[0]}/{names[1]} | " + " | ".join(f"{b[c] / f[c]:.2f}x" if f[c] > 0.005 else "-"
                                                            for c in cols) + f" | {f['rss'] / b['rss']:.2f} |")
+    print("\nsampled peak RSS (GiB) inside each phase, last run of each tree:")
+    print("| tree | " + " | ".join(PHASES + ["other"]) + " |")
+    print("|---|" + "---:|" * (len(PHASES) + 1))
+    for n, rs in runs.items():
+        print(f"| {n} | " + " | ".join(f"{rs[-1]['rss_by_phase'][k] / 2**30:.2f}" for k in PHASES + ["other"]) + " |")
 
 
 if __name__ == "__main__":

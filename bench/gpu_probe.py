@@ -3,7 +3,8 @@
 Builds a checkpoint with INF-34B's decoder layers (hidden 8192, FFN 22016, 64 query / 8 KV heads, LayerNorm
 with bias; random bf16 weights) but only --layers of them and the bundled 8192-token vocabulary, then runs the
 real pipeline (`inf_quant.pipeline.quantize`: streamed from shards, sequential, packed, written) on it and
-prints per-layer seconds, peak VRAM and the 48-layer extrapolation. One short run fits a 15-minute GPU lease:
+prints per-layer seconds and peak VRAM, seconds per phase (bench/phases.py: read, forward, hessian, factor,
+columns, setup, pack, write, awq; synchronized on CUDA), the expected peak and the 48-layer extrapolation. One short run fits a 15-minute GPU lease:
 
     python bench/gpu_probe.py --out /tmp/probe                     # GPTQ w4 128x2048 + AWQ w4 128x512, 3 layers
     python bench/gpu_probe.py --hidden 512 --ffn 1408 --heads 8 --kv-heads 2 --layers 2 --samples 4 --seqlen 128 \\
@@ -30,6 +31,7 @@ from inf_quant.models.configuration_inflm import INFLMConfig  # noqa: E402
 from inf_quant.paths import DEFAULT_MODEL  # noqa: E402
 from inf_quant.pipeline import quantize  # noqa: E402
 from inf_quant.write import copy_modeling_files, save_sharded_lazy, write_json  # noqa: E402
+from phases import install  # noqa: E402
 
 
 def build(out: Path, a) -> Path:
@@ -74,7 +76,8 @@ def build(out: Path, a) -> Path:
     return out
 
 
-def run(model: Path, out: Path, method: Method, a) -> dict:
+def run(model: Path, out: Path, method: Method, a, spent: dict) -> dict:
+    """One quantization of the probe checkpoint; spent: bench/phases.py's running seconds per phase."""
     seqlen = a.seqlen if method is Method.GPTQ else a.awq_seqlen
     recipe = Recipe(method=method, model=ModelConfig(path=str(model)),
                     calibration=CalibConfig(samples=a.samples, seqlen=seqlen),
@@ -83,8 +86,10 @@ def run(model: Path, out: Path, method: Method, a) -> dict:
                     output=OutputConfig(dir=str(out / method.value), force=True))
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    before = dict(spent)
     t0 = time.monotonic()
     rep = quantize(recipe)
+    phases = {k: round(spent[k] - before[k], 2) for k in spent if spent[k] - before[k] > 0.005}
     per_layer = [r.seconds for r in rep.results]
     steady = statistics.median(per_layer[1:] if len(per_layer) > 1 else per_layer)
     return {"method": method.value, "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
@@ -92,6 +97,9 @@ def run(model: Path, out: Path, method: Method, a) -> dict:
             "calibration": f"{a.samples}x{seqlen}", "layers": len(per_layer), "per_layer_s": per_layer,
             "total_s": round(time.monotonic() - t0, 2), "peak_vram_gib": round(rep.peak_vram / 2**30, 2),
             "peak_rss_gib": round(rep.peak_rss / 2**30, 2),
+            "expected_peak_gib": round(rep.expected_peak / 2**30, 2),
+            "per_layer_peak_vram_gib": [round(r.peak_vram / 2**30, 2) for r in rep.results],
+            "phases_s": phases,
             "extrapolated_48_layers_min": round((48 * steady + (time.monotonic() - t0 - sum(per_layer))) / 60, 2)}
 
 
@@ -111,8 +119,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["gptq", "awq"])
     a = ap.parse_args()
     model = build(a.out / "model", a)
+    spent = install(sync=a.device == "cuda", sample_rss=False)[0]
     for m in a.methods:
-        print(json.dumps(run(model, a.out, Method(m), a)), flush=True)
+        print(json.dumps(run(model, a.out, Method(m), a, spent)), flush=True)
 
 
 if __name__ == "__main__":

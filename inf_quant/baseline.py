@@ -19,7 +19,8 @@ import torch
 from . import __version__
 from .calibrate import file_sha256
 from .forward import forward_all
-from .load import Checkpoint, hf_config, load_block, load_named, rotary, skeleton
+from .load import Checkpoint, embed_ids, hf_config, load_block, load_named, rotary, skeleton
+from .memory import BASELINE_GIB, windows_per_pass
 from .metrics import topk_logprobs
 
 log = logging.getLogger(__name__)
@@ -68,30 +69,39 @@ def cache_key(model_sha: str, windows: torch.Tensor, top_k: int, device: torch.d
 
 @torch.no_grad()
 def streamed_logprobs(ckpt: Checkpoint, windows: torch.Tensor, top_k: int, device: torch.device,
-                      dtype: torch.dtype, batch: int = 4, trust_remote_code: bool = False):
-    """Run the checkpoint one decoder layer at a time over windows [S, T]: (target, topk_logp, topk_idx).
+                      dtype: torch.dtype, batch: int = 4, trust_remote_code: bool = False,
+                      budget_gib: float = BASELINE_GIB):
+    """Run the checkpoint one decoder layer at a time over windows [S, T]: (target [S, T-1], topk_logp
+    [S, T-1, k], topk_idx [S, T-1, k]), on the host.
 
-    Memory: one layer + hidden states [S, T, D] (e.g. 48 windows x 2048 x 8192 fp32 = 3 GiB for INF-34B).
+    The windows go in passes of windows_per_pass (budget_gib of hidden states); each pass streams every layer,
+    so the device holds one layer + one pass's hidden states [S', T, D] (written in place) + one window's logits
+    [T, V] fp32, whatever the eval set's size; passes beyond the first re-read the checkpoint.
     """
     config = hf_config(ckpt, trust_remote_code)
     lm, skel = ckpt.layer_map, skeleton(config)
-    hidden = load_named(ckpt, skel, lm.embed, device, dtype)(windows.to(device))
-    rope = rotary(config, device)(hidden[:1], torch.arange(hidden.shape[1], device=device)[None])
-    for i in range(ckpt.num_layers):
-        block = load_block(ckpt, skel, i, device, dtype)
-        hidden = forward_all(block, hidden, rope, batch)
-        del block
+    per = windows_per_pass(windows.shape[1], int(config.hidden_size), dtype.itemsize, budget_gib)
     norm = load_named(ckpt, skel, lm.final_norm, device, dtype)
     head = load_named(ckpt, skel, lm.lm_head, device, dtype)
     outs = []
-    for s in range(len(hidden)):
-        logits = head(norm(hidden[s, :-1]))
-        outs.append(topk_logprobs(logits, windows[s, 1:].to(device), top_k))
-    return tuple(torch.stack([o[j].cpu() for o in outs]) for j in range(3))
+    for p0 in range(0, len(windows), per):
+        part = windows[p0: p0 + per].to(device)
+        hidden = embed_ids(ckpt, part, device, dtype)
+        rope = rotary(config, device)(hidden[:1], torch.arange(hidden.shape[1], device=device)[None])
+        for i in range(ckpt.num_layers):
+            block = load_block(ckpt, skel, i, device, dtype)
+            hidden = forward_all(block, hidden, rope, batch, in_place=True)
+            del block
+        for s in range(len(hidden)):
+            logits = head(norm(hidden[s, :-1]))
+            outs.append([o.cpu() for o in topk_logprobs(logits, part[s, 1:], top_k)])
+        del hidden
+    return tuple(torch.stack([o[j] for o in outs]) for j in range(3))
 
 
 def baseline_stats(ckpt: Checkpoint, windows: torch.Tensor, top_k: int, device: torch.device, dtype: torch.dtype,
-                   cache_dir: str = "", batch: int = 4, trust_remote_code: bool = False) -> BaselineStats:
+                   cache_dir: str = "", batch: int = 4, trust_remote_code: bool = False,
+                   budget_gib: float = BASELINE_GIB) -> BaselineStats:
     root = cache_root(cache_dir)
     key = cache_key(checkpoint_sha256(ckpt, root), windows, top_k, device, dtype)
     f = root / f"baseline-{key[:32]}.pt"
@@ -101,7 +111,8 @@ def baseline_stats(ckpt: Checkpoint, windows: torch.Tensor, top_k: int, device: 
             log.info("baseline: cached results %s", f)
             return BaselineStats(d["target"], d["topk_logp"], d["topk_idx"], key, True)
     log.info("baseline: streaming %s layer by layer over %d windows", ckpt.path, len(windows))
-    target, topk_logp, topk_idx = streamed_logprobs(ckpt, windows, top_k, device, dtype, batch, trust_remote_code)
+    target, topk_logp, topk_idx = streamed_logprobs(ckpt, windows, top_k, device, dtype, batch, trust_remote_code,
+                                                         budget_gib)
     tmp = f.with_suffix(".tmp")
     torch.save({"key": key, "target": target, "topk_logp": topk_logp, "topk_idx": topk_idx,
                 "inf_quant": __version__}, tmp)

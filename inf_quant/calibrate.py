@@ -184,6 +184,13 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def eval_windows(tokenizer, texts: list[str], seqlen: int):
+    """The texts as consecutive non-overlapping windows of token_stream: [S, seqlen] int64 (the tail is dropped)."""
+    stream = token_stream(tokenizer, texts)
+    n = len(stream) // seqlen
+    return stream[: n * seqlen].view(n, seqlen)
+
+
 def window_starts(lengths: list[int], seqlen: int) -> list[int]:
     """Offsets of non-overlapping seqlen-token windows in the documents laid end to end (lengths: [n_docs]).
 

@@ -228,6 +228,7 @@ class VerifyConfig:
     seqlen: int = 512             # tokens per eval window (clipped to max_position_embeddings)
     max_windows: int = 0          # 0 = every window of the eval set
     top_k: int = 32               # baseline log-probs cached per position (KL support)
+    baseline_gib: float = 2.0     # hidden states per pass of the layer-streamed baseline (memory.windows_per_pass)
     gates: Gates = field(default_factory=Gates)
     device: Device = Device.AUTO
     gpu: int = 0                  # CUDA device index (--device cuda:N)
@@ -242,8 +243,8 @@ class VerifyConfig:
     def __post_init__(self):
         if self.seqlen < MIN_SEQLEN:
             raise ConfigError(f"verify.seqlen (--seqlen) must be >= {MIN_SEQLEN} tokens, got {self.seqlen}")
-        if self.top_k < 1 or self.max_windows < 0 or self.vram_gib <= 0 or self.context < 0:
-            raise ConfigError("verify: top_k >= 1, max_windows >= 0, vram_gib > 0, context >= 0")
+        if self.top_k < 1 or self.max_windows < 0 or self.vram_gib <= 0 or self.context < 0 or self.baseline_gib <= 0:
+            raise ConfigError("verify: top_k >= 1, max_windows >= 0, vram_gib > 0, context >= 0, baseline_gib > 0")
 
 
 @dataclass(frozen=True)

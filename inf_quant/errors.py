@@ -1,5 +1,5 @@
-"""Exception hierarchy. The CLI turns every InfQuantError into one line on stderr and exit code 2
-(VerifyFailed: exit code 1)."""
+"""Exception hierarchy. The CLI turns every InfQuantError into one line on stderr and exit code 2 (a failed
+verification gate is not an error: verify reports it and exits 1)."""
 
 
 class InfQuantError(Exception):
@@ -16,10 +16,6 @@ class CheckpointError(InfQuantError):
 
 class NumericalError(InfQuantError):
     """A numerical step failed (Cholesky after bounded damping, non-finite values, fp16 overflow)."""
-
-
-class VerifyFailed(InfQuantError):
-    """A verification gate failed."""
 
 
 def is_oom(e: BaseException) -> bool:

@@ -24,7 +24,10 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config import VerifyConfig
 from .errors import CheckpointError, ConfigError
+from .layermap import LAYER_MAPS
+from .memory import expected_verify_peak
 from .load import open_checkpoint
 
 GB = 10**9
@@ -156,6 +159,8 @@ class FitReport:
     fits: bool
     max_context: int            # 0 if not even one token fits
     max_position_embeddings: int
+    verify_seqlen: int = 0      # the eval window length `verify` runs at by default (a quantized checkpoint only)
+    verify_bytes: int = 0       # what `verify` itself needs on this GPU at verify_seqlen, overhead included
 
     @property
     def context_capped(self) -> bool:
@@ -190,7 +195,13 @@ class FitReport:
         width = max(len(name) for name, _ in rows)
         lines = [head, f"  {'':<{width}}  {'GB':>8}  {'GiB':>8}"]
         lines += [f"  {name:<{width}}  {n / GB:8.2f}  {n / GIB:8.2f}" for name, n in rows]
-        return "\n".join([*lines, _verdict(self)])
+        return "\n".join([*lines, *([_verify_line(self)] if self.verify_bytes else []), _verdict(self)])
+
+
+def _verify_line(r: FitReport) -> str:
+    fits = "fits" if r.verify_bytes <= r.budget_bytes else "does NOT fit"
+    return (f"`inf-quant verify` itself (batch 1, no KV cache, bf16, {r.verify_seqlen}-token windows) needs about "
+            f"{r.verify_bytes / GIB:.1f} GiB: {fits} {r.budget_bytes / GIB:.1f} GiB")
 
 
 def _verdict(r: FitReport) -> str:
@@ -299,7 +310,17 @@ def fit_from_shapes(config: dict, weights_bytes: int, vram_gib: float = 24.0, co
         kv_bytes_per_token=kv_bytes_per_token(m), kv_bytes=kv_bytes_per_token(m) * n,
         activation_bytes=activation_bytes(m, n), logits_bytes=logits_bytes(m),
         overhead_bytes=overhead_bytes(allocated), total_bytes=total, fits=total <= budget,
-        max_context=max_context(m, budget), max_position_embeddings=m.max_position_embeddings)
+        max_context=max_context(m, budget), max_position_embeddings=m.max_position_embeddings,
+        **_verify_need(config, weights_bytes, m.max_position_embeddings, bits))
+
+
+def _verify_need(config: dict, weights_bytes: int, max_pos: int, bits: int | None) -> dict:
+    """verify's own expected peak on a GPU (memory.expected_verify_peak + CUDA overhead), for quantized configs."""
+    if bits is None or config.get("model_type") not in LAYER_MAPS:
+        return {}
+    seqlen = min(VerifyConfig.seqlen, max_pos)
+    exp = expected_verify_peak(LAYER_MAPS[config["model_type"]], config, weights_bytes, 10**9, seqlen, 4, 2, True)
+    return {"verify_seqlen": seqlen, "verify_bytes": exp.total + overhead_bytes(exp.total)}
 
 
 def checkpoint_bytes(path: str | Path) -> tuple[dict, int, int]:

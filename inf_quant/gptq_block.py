@@ -20,7 +20,8 @@ from torch import nn
 from .config import Method
 from .forward import capture_inputs, run_half, run_half_all
 from .qformat import from_tensors, to_tensors
-from .quant.gptq import accumulate_hessian, gptq_quantize
+from .device import opt_in
+from .quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
 
 
 def _half_of(lmap, group) -> int:
@@ -35,6 +36,7 @@ def gptq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple,
     tensors, losses, notes = {}, {}, []
     lmap, cfg, batch = ctx.lmap, cfg or ctx.recipe.gptq, ctx.recipe.run.forward_batch
     prefix = lmap.block_prefix(i)
+    bf16_gemm = opt_in("INF_QUANT_CUDA_BF16_HESSIAN")
     x, done, kept = hidden, 0, None   # x: the current half's input; kept: a half's output buffer, filled
     for gi, group in enumerate(lmap.groups):
         k = _half_of(lmap, group)
@@ -53,10 +55,11 @@ def gptq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple,
         keep = (last_of_half and group.names == (lmap.half_outputs[k],) and not skipped
                 and mods[0].in_features == x.shape[-1])
         buf = torch.empty_like(x) if keep else None
-        state = {"h": None, "n": 0}
+        k_in = mods[0].in_features
+        state = {"h": torch.zeros(k_in, k_in, dtype=torch.float32, device=mods[0].weight.device), "n": 0}
 
         def consume(inp, start, state=state, buf=buf):
-            state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], inp)
+            state["n"] += hessian_add_(state["h"], inp, bf16_gemm)
             if buf is not None:
                 buf[start: start + len(inp)] = inp
 
@@ -64,8 +67,9 @@ def gptq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple,
         capture_inputs(block, mods[0], x, rope, batch, consume, run=lambda c, half=half: run_half(block, half, c, rope))
         solved = [(n, m) for n, m in zip(group.names, mods) if n not in skipped]
         label = f"{prefix}{'+'.join(n for n, _ in solved)}"
-        stacked = gptq_quantize(torch.cat([m.weight.float() for _, m in solved]), state["h"], cfg, name=label)
-        del state
+        h = hessian_finish_(state["h"], state["n"])
+        stacked = gptq_quantize(torch.cat([m.weight.float() for _, m in solved]), h, cfg, name=label)
+        del state, h
         if stacked.damp > cfg.damp:
             notes.append(f"{label}: damping raised to {stacked.damp:g}")
         for (name, mod), q in zip(solved, stacked.split_rows([m.out_features for _, m in solved])):

@@ -228,6 +228,8 @@ class QuantizeReport:
     seconds: float
     peak_rss: int
     peak_vram: int
+    expected_peak: int       # the expected peak of RSS (CPU run) or VRAM (CUDA run): memory.py
+    base_rss: int            # RSS before the layers (a CPU run's expectation comes on top of it)
     size_bytes: int
     quantized_params: int
     bits_per_weight: float   # bits on disk per quantized weight (codes + scales + zeros + g_idx)
@@ -236,7 +238,8 @@ class QuantizeReport:
     def summary(self) -> dict:
         return {"out_dir": str(self.out_dir), "method": self.method, "bits": self.bits,
                 "group_size": self.group_size, "layers": self.layers, "seconds": round(self.seconds, 2),
-                "peak_rss_bytes": self.peak_rss, "peak_vram_bytes": self.peak_vram, "size_bytes": self.size_bytes,
+                "peak_rss_bytes": self.peak_rss, "peak_vram_bytes": self.peak_vram,
+                "expected_peak_bytes": self.expected_peak, "base_rss_bytes": self.base_rss, "size_bytes": self.size_bytes,
                 "quantized_params": self.quantized_params, "bits_per_weight": round(self.bits_per_weight, 4),
                 "resumed_layers": sum(r.resumed for r in self.results),
                 "adjustments": [n for r in self.results for n in r.notes]}
@@ -245,6 +248,7 @@ class QuantizeReport:
         rows = [("output", str(self.out_dir)), ("method", f"{self.method} w{self.bits} g{self.group_size}"),
                 ("layers", str(self.layers)), ("time", f"{self.seconds:.1f} s"), ("peak RAM", gib(self.peak_rss)),
                 ("peak VRAM", gib(self.peak_vram) if self.peak_vram else "- (cpu)"),
+                ("expected peak", f"{gib(self.expected_peak)} ({'VRAM' if self.peak_vram else 'RAM'})"),
                 ("size on disk", f"{self.size_bytes / 1e9:.3f} GB"),
                 ("bits per weight", f"{self.bits_per_weight:.3f} (quantized linears)")]
         width = max(len(k) for k, _ in rows)
@@ -271,7 +275,8 @@ def publish(ctx, work: WorkDir, results: list, seconds: float, peak: PeakMemory)
     rss, vram = peak.read()
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return QuantizeReport(out, ctx.recipe.method.value, ctx.recipe.bits, ctx.recipe.group_size,
-                          ctx.ckpt.num_layers, seconds, rss, vram, size, qparams, qbits / max(qparams, 1),
+                          ctx.ckpt.num_layers, seconds, rss, vram, max(r.expected for r in results),
+                          peak.base_rss, size, qparams, qbits / max(qparams, 1),
                           tuple(results))
 
 

@@ -30,10 +30,10 @@ from .export import check_layout
 from .forward import forward_all
 from .gptq_block import gptq_block, set_weight
 from .layermap import LayerMap
-from .load import Checkpoint, hf_config, load_block, load_named, open_checkpoint, rotary, skeleton
-from .memory import PeakMemory
+from .load import Checkpoint, embed_ids, hf_config, load_block, open_checkpoint, rotary, skeleton
 from .lock import output_lock
-from .qformat import from_tensors, to_tensors
+from .memory import Expected, PeakMemory, expected_quantize_peak, gib
+from .qformat import from_tensors
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class LayerResult:
     notes: tuple[str, ...]    # adjustments made in this layer (damping raised, folds skipped)
     peak_rss: int             # bytes, process peak so far
     peak_vram: int            # bytes, torch peak allocated so far (0 on CPU)
+    expected: int             # bytes, the expected peak of that same figure (RSS on CPU, VRAM on CUDA)
     resumed: bool             # rebuilt from the work directory, not re-quantized
     scales: dict[str, tuple[str, float]] = field(default_factory=dict)  # AWQ: group -> chosen (form, alpha)
 
@@ -135,15 +136,26 @@ def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None
             raise
 
 
+def expected_peak(ctx: Context) -> Expected:
+    """memory.expected_quantize_peak for this run's shapes and settings (device bytes beyond the process' base)."""
+    r = ctx.recipe
+    S, T = ctx.ids.shape
+    awq = min(S, max(1, r.awq.search_tokens // T)) if r.method is Method.AWQ else 0
+    return expected_quantize_peak(ctx.lmap, ctx.ckpt.config, S, T, r.run.forward_batch, ctx.dtype.itemsize,
+                                  flash_attention=True, awq_samples=awq)
+
+
 def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerResult], PeakMemory]:
     recipe = ctx.recipe
     peak = PeakMemory(ctx.device)
+    want = expected_peak(ctx)
+    expected = want.total + (0 if peak.cuda else peak.base_rss)
+    log.info("expected peak %s: %s (%s%s)", "VRAM" if peak.cuda else "RAM", gib(expected), want.describe(),
+             "" if peak.cuda else f", on top of {gib(peak.base_rss)} held before the layers")
     skel = skeleton(ctx.config)
     rope_mod = rotary(ctx.config, ctx.device)
     with torch.no_grad():
-        embed = load_named(ctx.ckpt, skel, ctx.lmap.embed, ctx.device, ctx.dtype)
-        hidden = embed(ctx.ids.to(ctx.device))  # [S, T, D]; e.g. 128 x 2048 x 8192 bf16 = 4 GiB for INF-34B
-        del embed
+        hidden = embed_ids(ctx.ckpt, ctx.ids, ctx.device, ctx.dtype)  # [S, T, D]: 128 x 2048 x 8192 bf16 = 4 GiB (INF-34B)
         rope = rope_mod(hidden[:1], torch.arange(hidden.shape[1], device=ctx.device)[None])
         results = []
         for i in range(ctx.ckpt.num_layers):
@@ -162,7 +174,8 @@ def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerRes
                                                              in_place=True)
             del block
             rss, vram = peak.read()
-            results.append(LayerResult(i, time.monotonic() - t_layer, losses, tuple(notes), rss, vram, resumed, scales))
+            results.append(LayerResult(i, time.monotonic() - t_layer, losses, tuple(notes), rss, vram, expected,
+                                       resumed, scales))
             if progress:
                 progress(results[-1], ctx.ckpt.num_layers)
         del hidden

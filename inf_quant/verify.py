@@ -21,13 +21,14 @@ from . import __version__
 from .baseline import baseline_stats
 from .calibrate import file_sha256, read_records, resolve_text_file, token_stream
 from .config import Gates, VerifyConfig
+from .device import resolve_device
 from .errors import CheckpointError, ConfigError
 from .export import architecture
 from .fit import fit_checkpoint
 from .load import open_checkpoint
+from .memory import LOGIT_CHUNK_BYTES, PeakMemory, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement
 from .paths import resolve_model_path
-from .device import resolve_device
 from .report import signed_pct
 from .tokenizer import load_tokenizer
 from .write import write_json
@@ -57,6 +58,10 @@ class VerifyReport:
         for g in failed:
             lines.append(f"gate failed: {g['name']} [{g['domain']}] value {g['value']:.4g}, threshold {g['threshold']:g}")
         lines.append(self.data["vram"]["analytic"]["verdict"])
+        own = self.data["vram"].get("verify")
+        if own and "measured_bytes" in own:
+            lines.append(f"verify itself: peak {own['what']} {gib(own['measured_bytes'])} (expected "
+                         f"{gib(own['expected_bytes'])}) over {own['windows']} windows of {own['seqlen']} tokens")
         m = self.data["vram"]["measured"]
         if m:
             lines.append(f"measured on {m['device']} at context {m['context']}: peak allocated "
@@ -104,19 +109,31 @@ def domain_windows(tokenizer, records: list[dict], seqlen: int, max_windows: int
     return torch.cat(rows), doms
 
 
-def quantized_stats(model, windows: torch.Tensor, base, batch: int = 4):
-    """Target log-prob, KL and top-1 agreement of the loaded quantized model, each [S, T-1] fp32."""
+def quantized_stats(model, windows: torch.Tensor, base, chunk_bytes: int = LOGIT_CHUNK_BYTES):
+    """Target log-prob, KL and top-1 agreement of the loaded quantized model, each [S, T-1] fp32 on the host.
+
+    One window at a time (batch 1), no KV cache: the decoder's final hidden states [T, D], then lm_head and
+    log_softmax over chunks of C = chunk_bytes / (4 V) positions, so only per-position results leave a chunk.
+    Device memory beyond the weights: one window's activations + about 3 x [C, V] fp32 (logits, log-probs, exp).
+    """
     dev = next(model.parameters()).device
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    step = max(1, chunk_bytes // (4 * head.weight.shape[0]))
     tgt, kl, agree = [], [], []
     with torch.no_grad():
-        for s in range(0, len(windows), batch):
-            x = windows[s: s + batch].to(dev)
-            logits = model(x).logits[:, :-1].float().cpu()
-            for j in range(len(x)):
-                logp = torch.log_softmax(logits[j], -1)
-                tgt.append(logp.gather(-1, windows[s + j, 1:, None])[:, 0])
-                kl.append(kl_topk(base.topk_logp[s + j], base.topk_idx[s + j], logp))
-                agree.append(top1_agreement(base.topk_idx[s + j], logp))
+        for s in range(len(windows)):
+            ids = windows[s: s + 1].to(dev)
+            h = decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+            parts = []
+            for c in range(0, len(h), step):
+                logp = torch.log_softmax(head(h[c: c + step]).float(), -1)
+                top_lp, top_id = base.topk_logp[s, c: c + step].to(dev), base.topk_idx[s, c: c + step].to(dev)
+                parts.append([logp.gather(-1, ids[0, 1 + c: 1 + c + step, None])[:, 0].cpu(),
+                              kl_topk(top_lp, top_id, logp).cpu(), top1_agreement(top_id, logp).cpu()])
+                del logp
+            tgt.append(torch.cat([p[0] for p in parts]))
+            kl.append(torch.cat([p[1] for p in parts]))
+            agree.append(torch.cat([p[2] for p in parts]))
     return torch.stack(tgt), torch.stack(kl), torch.stack(agree)
 
 
@@ -191,10 +208,17 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     max_pos = int(bckpt.config.get("max_position_embeddings", cfg.seqlen))
     windows, doms = domain_windows(load_tokenizer(bdir, cfg.trust_remote_code), read_records(eval_file),
                                    min(cfg.seqlen, max_pos), cfg.max_windows)
+    mem = PeakMemory(device)
+    mem.reset()
+    start_rss = mem.base_rss
     base = baseline_stats(bckpt, windows, cfg.top_k, device, dtype, cfg.cache_dir,
-                          trust_remote_code=cfg.trust_remote_code)
+                          trust_remote_code=cfg.trust_remote_code, budget_gib=cfg.baseline_gib)
+    phases = {"baseline": _phase_peak(mem)}
     model = load_quantized(qdir, device, dtype, cfg.trust_remote_code)
+    mem.reset()                   # the scoring phase, on top of the loaded model
     tgt, kl, agree = quantized_stats(model, windows, base)
+    phases["scoring"] = _phase_peak(mem)
+    own = _own_peak(mem, bckpt, qdir, windows, cfg, dtype, phases, start_rss)
     metrics = {"all": summarize(base.target_logp, tgt, kl, agree)}
     for dom in sorted(set(doms)):
         idx = torch.tensor([i for i, d in enumerate(doms) if d == dom])
@@ -213,16 +237,20 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
                  "sha256": file_sha256(eval_file), "seqlen": int(windows.shape[1]),
                  "tokens": {d: metrics[d]["tokens"] for d in metrics if d != "all"}},
         "metrics": metrics, "gates": gates,
-        "vram": {"analytic": fit.to_dict(), "measured": _measured(model, qdir, qckpt, cfg, measure_ctx, device)},
+        "vram": {"analytic": fit.to_dict(), "measured": _measured(model, qdir, qckpt, cfg, measure_ctx, device),
+                 "verify": own},
         "versions": versions(),
         "backend": {"kernel": _kernel(model), "device": str(device)},
     }
     out = Path(cfg.report_dir) if cfg.report_dir else qdir
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "verify.json", data)
+    # verify's own measured peaks change run to run: printed (summary, --json), kept out of the deterministic file
+    stable = {k: v for k, v in own.items() if k in ("what", "expected_added_bytes", "expected_terms", "windows", "seqlen")}
+    stored = {**data, "vram": {**data["vram"], "verify": stable}}
+    write_json(out / "verify.json", stored)
     from .report import write_report
 
-    files = (out / "verify.json", *write_report(data, out))
+    files = (out / "verify.json", *write_report(stored, out))
     return VerifyReport(data, files)
 
 
@@ -231,6 +259,31 @@ def _measured(model, qdir: Path, qckpt, cfg: VerifyConfig, context: int, device:
     if m is not None:  # the analytic model at the same context, for a like-for-like comparison
         m["analytic_total_bytes"] = fit_checkpoint(qdir, cfg.vram_gib, context, kv_dtype=cfg.kv_dtype).total_bytes
     return m
+
+
+def _phase_peak(mem: PeakMemory) -> dict:
+    """A phase's peak: CUDA allocated (weights included), or the RSS high-water mark and its rise over the RSS
+    at the phase's start."""
+    rss, vram = mem.read()
+    return {"peak_bytes": vram, "added_bytes": vram} if mem.cuda else {"peak_bytes": rss,
+                                                                        "added_bytes": rss - mem.base_rss}
+
+
+def _own_peak(mem: PeakMemory, bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, dtype,
+              phases: dict, start_rss: int) -> dict:
+    """verify's own peak: measured per phase (the layer-streamed baseline; the quantized model's scoring, on top
+    of the loaded model) and expected (memory.expected_verify_peak). On CUDA torch's peak allocation; on CPU the
+    process' RSS high-water mark, the expectation on top of the RSS held when verify started scoring."""
+    from .fit import checkpoint_bytes
+
+    exp = expected_verify_peak(bckpt.layer_map, bckpt.config, checkpoint_bytes(qdir)[1], len(windows),
+                               windows.shape[1], 4, dtype.itemsize, True, cfg.baseline_gib)
+    return {"what": "CUDA allocated" if mem.cuda else "host RSS",
+            "measured_bytes": max(p["peak_bytes"] for p in phases.values()),
+            "expected_bytes": exp.total + (0 if mem.cuda else start_rss), "expected_added_bytes": exp.total,
+            "expected_terms": exp.terms,
+            "phases": phases, "hwm_reset": mem.cuda or mem.hwm_reset,
+            "windows": len(windows), "seqlen": int(windows.shape[1])}
 
 
 def _quant_summary(config: dict) -> dict:

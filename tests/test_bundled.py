@@ -36,8 +36,7 @@ def test_saved_like_inf34b():
 def test_a_real_language_model_far_below_unigram():
     """Recompute the eval perplexity (bf16 weights, fp32 arithmetic, layer-streamed) and compare."""
     from inf_quant.baseline import streamed_logprobs
-    from inf_quant.calibrate import read_records
-    from inf_quant.evaluate import eval_windows
+    from inf_quant.calibrate import eval_windows, read_records
     from inf_quant.load import open_checkpoint
     from inf_quant.metrics import perplexity
     from inf_quant.paths import EVAL

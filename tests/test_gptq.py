@@ -8,7 +8,7 @@ import torch
 
 from inf_quant.config import GPTQConfig, Order
 from inf_quant.errors import ConfigError, NumericalError
-from inf_quant.quant.gptq import accumulate_hessian, gptq_quantize
+from inf_quant.quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
 from inf_quant.quant.grid import dequantize, dequantize_weight, qparams, quantize, rtn_quantize, search_qparams
 from tolerances import (EXACT, GPTQ_LOSS_RTOL, GPTQ_MIN_GAIN_OVER_RTN, GPTQ_VS_REF_ATOL, GPTQ_VS_REF_RTOL,
                         HESSIAN_ATOL, HESSIAN_RTOL, MAX_TIE_FRACTION, ROUNDING_TIE, assert_close)
@@ -170,23 +170,26 @@ def test_damping_exhausted_raises():
         gptq_quantize(w, _indefinite_h(1.05), GPTQConfig(group_size=16, damp_max_retries=0), name="q_proj")
 
 
-def test_accumulate_hessian_equals_concatenation():
+def test_hessian_sum_equals_concatenation():
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(*shape, K, generator=g).to(torch.bfloat16) for shape in [(3,), (5,), (1,), (2, 7)]]
-    h, n = None, 0
+    batches = [torch.randn(*shape, 200, generator=g).to(torch.bfloat16) for shape in [(3,), (5,), (1,), (2, 7)]]
+    acc, n = torch.zeros(200, 200), 0
     for x in batches:
-        h, n = accumulate_hessian(h, n, x)
-    x = torch.cat([b.reshape(-1, K) for b in batches]).float()
-    assert n == 3 + 5 + 1 + 14 and h.dtype == torch.float32
+        before = x.clone()
+        n += hessian_add_(acc, x)
+        assert torch.equal(x, before)                  # inputs are not modified
+    h = hessian_finish_(acc, n)
+    x = torch.cat([b.reshape(-1, 200) for b in batches]).float()
+    assert n == 3 + 5 + 1 + 14 and h is acc and h.dtype == torch.float32
+    assert torch.equal(h, h.T)                          # mirrored: exactly symmetric
     assert_close(h, 2 / n * x.T @ x, HESSIAN_ATOL, HESSIAN_RTOL, "accumulated H")
 
 
-def test_accumulate_hessian_is_pure():
-    g = torch.Generator().manual_seed(0)
-    h0, _ = accumulate_hessian(None, 0, torch.randn(4, K, generator=g))
-    before = h0.clone()
-    h1, n = accumulate_hessian(h0, 4, torch.randn(4, K, generator=g))
-    assert torch.equal(h0, before) and h1 is not h0 and n == 8
+def test_hessian_sum_errors():
+    with pytest.raises(ConfigError, match=r"K=8 columns"):
+        hessian_add_(torch.zeros(4, 4), torch.randn(2, 8))
+    with pytest.raises(ConfigError, match=r"n=0"):
+        hessian_finish_(torch.zeros(4, 4), 0)
 
 
 @pytest.mark.parametrize("cfg", [GPTQConfig(group_size=16, order=Order.ACT, block_size=24),

@@ -28,7 +28,7 @@ MAX_TIE_FRACTION = 0.01
 # fp32 -> fp16 of normal values: an 11-bit significand rounds to within half an ulp, 2**-11 relative.
 FP16_RTOL = 2.0**-11
 
-# accumulate_hessian over batches vs 2/n X^T X at once: fp32 sums of ~100 products of O(1) values,
+# hessian_add_ over batches vs 2/n X^T X at once: fp32 sums of ~100 products of O(1) values,
 # in a different order.
 HESSIAN_ATOL = 1e-5
 HESSIAN_RTOL = 1e-5

@@ -11,7 +11,6 @@ at peak (5.4 GiB at K=22016), on top of the caller's H and [N, K] fp32 copies of
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import Tensor
@@ -25,29 +24,50 @@ log = logging.getLogger(__name__)
 SUB = 16  # columns per run inside a block of the column loop (_solve)
 
 
-def accumulate_hessian(h: Tensor | None, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
-    """Fold a batch of layer inputs into the running GPTQ Hessian H = 2/n * X^T X.
+HESSIAN_BLOCKS = 8  # column blocks of the lower-triangle Hessian update (hessian_add_)
 
-    h: [K, K] fp32 or None (first batch)   not modified; a new tensor is returned
-    n_seen: rows already folded into h
-    x: [M, K] any float dtype (leading dims are flattened: [S, T, K] works too)
-    returns (h: [K, K] fp32 on x's device, n_seen + M)
-    The update is the GPTQ reference one: h *= n/(n+m); x *= sqrt(2/(n+m)); h += x^T x.
-    Allocates one new [K, K] fp32 per call (1.8 GiB at K=22016).
+
+def hessian_add_(acc: Tensor, x: Tensor, bf16_gemm: bool = False) -> int:
+    """Fold a batch of layer inputs into a running Hessian sum, in place: acc += X^T X on its lower triangle.
+
+    acc: [K, K] fp32   the unscaled sum so far (zeros to start); only its lower triangle (with the diagonal) is
+                       written and meaningful until hessian_finish_
+    x: [M, K] float    layer inputs (leading dims are flattened: [S, T, K] works too); not modified
+    bf16_gemm: on CUDA with bf16 x, multiply in bf16 with fp32 accumulation (torch.mm out_dtype): the products
+               of bf16 values are exact in fp32, so only the summation order differs from the fp32 GEMM.
+               Opt-in (INF_QUANT_CUDA_BF16_HESSIAN=1) until a GPU run has compared it.
+    returns M, the rows folded in
+    The update runs in HESSIAN_BLOCKS column blocks, acc[j0:, j0:j1] += X[:, j0:]^T X[:, j0:j1]: about half the
+    FLOPs of the full product and no new [K, K] (the temporaries are one block: [K, K / HESSIAN_BLOCKS]).
     """
-    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    x = x.reshape(-1, x.shape[-1])
     m, k = x.shape
-    if h is None:
-        if n_seen != 0:
-            raise ConfigError(f"accumulate_hessian: h is None but n_seen={n_seen}; start with n_seen=0")
-        h = torch.zeros(k, k, dtype=torch.float32, device=x.device)
-    if h.shape != (k, k):
-        raise ConfigError(f"accumulate_hessian: h is {tuple(h.shape)} but x has K={k} columns")
-    n = n_seen + m
-    if m == 0:
-        return h.clone(), n
-    x = x * math.sqrt(2 / n)
-    return torch.addmm(h.to(device=x.device, dtype=torch.float32), x.T, x, beta=n_seen / n), n
+    if acc.shape != (k, k) or acc.dtype != torch.float32:
+        raise ConfigError(f"hessian_add_: the sum is {tuple(acc.shape)} {acc.dtype} but x has K={k} columns; "
+                          f"start from torch.zeros(K, K) fp32")
+    low = bf16_gemm and x.is_cuda and x.dtype == torch.bfloat16
+    x = x.to(acc.device) if low else x.to(device=acc.device, dtype=torch.float32)
+    b = max(64, -(-k // HESSIAN_BLOCKS))
+    for j0 in range(0, k, b):
+        j1 = min(k, j0 + b)
+        if low:
+            acc[j0:, j0:j1] += torch.mm(x[:, j0:].T, x[:, j0:j1], out_dtype=torch.float32)
+        else:
+            acc[j0:, j0:j1].addmm_(x[:, j0:].T, x[:, j0:j1])
+    return m
+
+
+def hessian_finish_(acc: Tensor, n: int) -> Tensor:
+    """The GPTQ Hessian H = 2/n * X^T X from hessian_add_'s sum over n rows, in place: the lower triangle is
+    mirrored to the upper one (H is exactly symmetric) and scaled once. acc: [K, K] fp32; returns acc."""
+    if n <= 0:
+        raise ConfigError("hessian_finish_: no rows were folded in (n=0); the calibration set reached no input")
+    k, b = acc.shape[0], max(64, -(-acc.shape[0] // HESSIAN_BLOCKS))
+    for j0 in range(0, k, b):
+        j1 = min(k, j0 + b)
+        acc[j0:j1, j1:] = acc[j1:, j0:j1].T
+        acc[j0:j1, j0:j1] = acc[j0:j1, j0:j1].tril() + acc[j0:j1, j0:j1].tril(-1).T
+    return acc.mul_(2 / n)
 
 
 def _cholesky_inverse_upper(h: Tensor) -> Tensor | None:
@@ -199,7 +219,7 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear") -
     """GPTQ for one Linear (Frantar et al. 2022, Alg. 1).
 
     w: [N, K] float  weight; rows are output channels; not modified
-    h: [K, K] fp32   2/(S*T) * X^T X from calibration tokens (accumulate_hessian); not modified
+    h: [K, K] fp32   2/(S*T) * X^T X from calibration tokens (hessian_add_, hessian_finish_); not modified
     name: the layer's name, used in log lines and errors
     Dead columns (diag H == 0) get H[i, i] = 1 and w[:, i] = 0. Columns are solved in `solve_order`
     (cfg.order); with Order.ACT g_idx maps each original column to its group, with static_groups all
