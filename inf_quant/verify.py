@@ -60,8 +60,12 @@ class VerifyReport:
         lines.append(self.data["vram"]["analytic"]["verdict"])
         own = self.data["vram"].get("verify")
         if own and "measured_bytes" in own:
-            lines.append(f"verify itself: peak {own['what']} {gib(own['measured_bytes'])} (expected "
-                         f"{gib(own['expected_bytes'])}) over {own['windows']} windows of {own['seqlen']} tokens")
+            ph, ex = own["phases"], own["expected_phases_bytes"]
+            above = "" if own["what"].startswith("CUDA") else " above the loaded model"
+            lines.append(f"verify itself ({own['what']}, {own['windows']} windows of {own['seqlen']} tokens): baseline "
+                         f"{gib(ph['baseline']['added_bytes'])} (expected {gib(ex['baseline'])}), scoring "
+                         f"{gib(ph['scoring']['added_bytes'])}{above} (expected {gib(ex['scoring'])}); process peak "
+                         f"{gib(own['measured_bytes'])}")
         m = self.data["vram"]["measured"]
         if m:
             lines.append(f"measured on {m['device']} at context {m['context']}: peak allocated "
@@ -245,7 +249,8 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     out = Path(cfg.report_dir) if cfg.report_dir else qdir
     out.mkdir(parents=True, exist_ok=True)
     # verify's own measured peaks change run to run: printed (summary, --json), kept out of the deterministic file
-    stable = {k: v for k, v in own.items() if k in ("what", "expected_added_bytes", "expected_terms", "windows", "seqlen")}
+    stable = {k: v for k, v in own.items() if k in ("what", "expected_added_bytes", "expected_terms", "expected_phases_bytes",
+                                                        "windows", "seqlen")}
     stored = {**data, "vram": {**data["vram"], "verify": stable}}
     write_json(out / "verify.json", stored)
     from .report import write_report
@@ -276,12 +281,16 @@ def _own_peak(mem: PeakMemory, bckpt, qdir: Path, windows: torch.Tensor, cfg: Ve
     process' RSS high-water mark, the expectation on top of the RSS held when verify started scoring."""
     from .fit import checkpoint_bytes
 
-    exp = expected_verify_peak(bckpt.layer_map, bckpt.config, checkpoint_bytes(qdir)[1], len(windows),
+    weights = checkpoint_bytes(qdir)[1]
+    exp = expected_verify_peak(bckpt.layer_map, bckpt.config, weights, len(windows),
                                windows.shape[1], 4, dtype.itemsize, True, cfg.baseline_gib)
+    # per phase, like for like with phases[...]["added_bytes"]: on CPU the scoring is measured above the loaded model
+    per_phase = {"baseline": exp.terms["baseline pass"],
+                 "scoring": exp.terms["quantized model"] - (0 if mem.cuda else weights)}
     return {"what": "CUDA allocated" if mem.cuda else "host RSS",
             "measured_bytes": max(p["peak_bytes"] for p in phases.values()),
             "expected_bytes": exp.total + (0 if mem.cuda else start_rss), "expected_added_bytes": exp.total,
-            "expected_terms": exp.terms,
+            "expected_terms": exp.terms, "expected_phases_bytes": per_phase,
             "phases": phases, "hwm_reset": mem.cuda or mem.hwm_reset,
             "windows": len(windows), "seqlen": int(windows.shape[1])}
 
