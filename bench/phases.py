@@ -3,14 +3,18 @@ bench/gpu_probe.py). A name a source tree lacks is skipped, so two trees (before
 the same code; nested timed calls are not double-counted. With sync (CUDA), every timed call ends with
 torch.cuda.synchronize(), so a phase owns the kernels it launched.
 
-    read     load.load_block (shards -> one decoder layer)
+    read     load.load_block (shards -> one decoder layer); after issue 9's read-ahead, LayerReader.block: the wait
+             for the background read + building the module
+
     forward  the layer forwards (capture_inputs, forward_all, the per-half runs), less the Hessian hooks inside them
     hessian  accumulate_hessian (before issue 9), hessian_add_ + hessian_finish_
     factor   the damped Cholesky / inverse
     columns  the blocked column loop (_solve)
     setup    the rest of gptq_quantize (copies, permutation, static qparams)
     pack     to_tensors + from_tensors (pack the codes, unpack the dequantized weight for propagation)
-    write    saving finished layers and publishing the checkpoint
+    write    saving finished layers and publishing the checkpoint; with the background writer, LayerWriter.save:
+             the host copy + the wait for the previous layer's write
+Only the main thread is timed: the read-ahead and write-behind threads' work overlaps the phases above.
     awq      AWQ's scale and clip searches (awq_block)
 """
 
@@ -53,6 +57,8 @@ def install(sync: bool = False, sample_rss: bool = True) -> tuple[dict, dict]:
 
     def timed(fn, phase):
         def wrapper(*args, **kw):
+            if threading.current_thread() is not threading.main_thread():
+                return fn(*args, **kw)
             stack.append([phase, time.perf_counter(), 0.0])
             try:
                 out = fn(*args, **kw)
@@ -96,4 +102,9 @@ def install(sync: bool = False, sample_rss: bool = True) -> tuple[dict, dict]:
     if sample_rss:
         threading.Thread(target=sample, daemon=True).start()
     output.WorkDir.save_layer = timed(output.WorkDir.save_layer, "write")
+    load = importlib.import_module("inf_quant.load")
+    for cls, attr, phase in ((getattr(output, "LayerWriter", None), "save", "write"),
+                             (getattr(load, "LayerReader", None), "block", "read")):
+        if cls is not None:
+            setattr(cls, attr, timed(getattr(cls, attr), phase))
     return spent, peak

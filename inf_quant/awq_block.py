@@ -5,7 +5,8 @@ Per layer, in this order:
 
 1. Capture, once. One forward of the layer as it arrives (its own weights unquantized; layers 0..i-1 already
    quantized) on n = min(S, max(1, awq.search_tokens // T)) calibration samples, evenly spaced, records every
-   group's input as whole sequences [n, T, K] fp32, and the keyword arguments its `inspect` module is called
+   group's input as whole sequences [n, T, K] in the compute dtype (exactly what the linears read; bf16 on CUDA,
+   half the bytes of an fp32 copy), and the keyword arguments its `inspect` module is called
    with (rope cos/sin, attention_mask=None, i.e. causal). Nothing is re-captured later: a fold keeps the fp
    function, and a folded group's own captured input is divided by its scale instead.
 2. Scales, group by group in layer-map order, all before any weight is quantized (as AutoAWQ: the groups are
@@ -25,8 +26,9 @@ Per layer, in this order:
 
 The block ends with the dequantized weights and folded norms; forward.forward_all then runs it on all S samples,
 so layer i+1 is calibrated on this quantized layer's outputs. Extra memory per layer: the captured inputs,
-n T sum_groups(K) fp32 (2.9 GiB for INF-34B at search_tokens=16384: 16384 x (3 x 8192 + 22016) x 4 B), one
-inspect module's reference output [n, T, D] fp32 (512 MiB) and its activations for forward_batch samples.
+n T sum_groups(K) in the compute dtype (1.4 GiB in bf16 for INF-34B at search_tokens=16384: 16384 x
+(3 x 8192 + 22016) x 2 B), one inspect module's reference output [n, T, D] fp32 (512 MiB) and its activations
+for forward_batch samples.
 """
 
 from __future__ import annotations
@@ -56,14 +58,14 @@ def search_samples(s: int, t: int, search_tokens: int) -> torch.Tensor:
 
 def capture_group_inputs(block: nn.Module, groups, hidden: torch.Tensor, rope: tuple,
                          batch: int) -> tuple[list[torch.Tensor], list[dict]]:
-    """One pass of the layer on hidden: [n, T, D]. Returns each group's input [n, T, K] fp32 and the keyword
-    arguments its `inspect` module was called with ({} for groups without one)."""
+    """One pass of the layer on hidden: [n, T, D]. Returns each group's input [n, T, K] in the compute dtype and
+    the keyword arguments its `inspect` module was called with ({} for groups without one)."""
     store: list[list[torch.Tensor]] = [[] for _ in groups]
     kwargs: list[dict] = [{} for _ in groups]
     handles = []
     for gi, group in enumerate(groups):
         def hook(_mod, args, gi=gi):
-            store[gi].append(args[0].float())
+            store[gi].append(args[0].detach())
         handles.append(block.get_submodule(group.names[0]).register_forward_pre_hook(hook))
         if group.inspect:
             def kw_hook(_mod, _args, kw, gi=gi):
@@ -87,7 +89,7 @@ def _call(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 def module_output_loss(module: nn.Module, linears: list[nn.Linear], x: torch.Tensor, kwargs: dict, batch: int):
     """The loss AutoAWQ scores a scale with: MSE of `module`'s output when `linears` hold the candidate weights.
 
-    module: e.g. self_attn (q/k/v -> attention -> o_proj) or mlp; x: [n, T, D] fp32, its input; not modified.
+    module: e.g. self_attn (q/k/v -> attention -> o_proj) or mlp; x: [n, T, D] (compute dtype), its input; not modified.
     The reference output (current weights) is computed once, [n, T, D_out] fp32. The returned callable sets each
     linear's weight to its candidate ([N_i, K] fp32, cast to the module's dtype), runs the module on x in chunks of
     `batch` samples, and restores the weights (also on error): mean over n T D_out of (out - reference)^2.
@@ -112,8 +114,8 @@ def module_output_loss(module: nn.Module, linears: list[nn.Linear], x: torch.Ten
 
 def _fold(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, cfg, batch: int, head_dim: int,
           notes: list[str]):
-    """Search and fold the group's scale. Returns (the group's input as the scaled weights now see it, ScaleResult
-    or None if no scale could be folded)."""
+    """Search and fold the group's scale. Returns (the group's input as the scaled weights now see it: x itself,
+    divided by the scale in place, ScaleResult or None if no scale could be folded)."""
     mods = [block.get_submodule(n) for n in group.names]
     prev = block.get_submodule(group.input_from)
     tie = None
@@ -138,7 +140,10 @@ def _fold(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, c
                 prev.bias.data = b
         for m in mods:
             m.weight.data = scale_linear_inputs(m.weight.data, s.to(m.weight.device))
-    return x / s, res
+    flat = x.view(-1, x.shape[-1])   # x / s, in place, a chunk of rows at a time in fp32
+    for r in range(0, len(flat), 4096):
+        flat[r: r + 4096] = flat[r: r + 4096].float() / s
+    return x, res
 
 
 def group_label(group) -> str:
@@ -156,7 +161,7 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     cfg, prefix, groups, batch = ctx.recipe.awq, ctx.lmap.block_prefix(i), ctx.lmap.groups, ctx.recipe.run.forward_batch
     head_dim = getattr(ctx.config, "head_dim", None) or ctx.config.hidden_size // ctx.config.num_attention_heads
     idx = search_samples(hidden.shape[0], hidden.shape[1], cfg.search_tokens).to(hidden.device)
-    xs, kwargs = capture_group_inputs(block, groups, hidden[idx], rope, batch)   # [n, T, K] fp32 per group
+    xs, kwargs = capture_group_inputs(block, groups, hidden[idx], rope, batch)   # [n, T, K] per group
     notes: list[str] = []
     scales = {}
     for gi, group in enumerate(groups):

@@ -2,7 +2,10 @@
 
 Nothing here builds the full model in memory: `skeleton()` is a meta-device model (no storage), and
 `load_block()` / `load_module()` read only the tensors of one decoder layer (or the embedding, final norm,
-lm_head) through safetensors' lazy `safe_open`, so peak memory is O(one layer) whatever the depth.
+lm_head), so peak memory is O(one layer) whatever the depth. `LayerReader` hands the block loop its layers in
+order, reading layer i + 1 on a background thread while layer i computes (one layer as stored held ahead).
+Host reads are plain file reads at the header's offsets (`read_safetensors`): they release the GIL, so the
+read-ahead overlaps the compute; reads to a GPU go through safetensors' `safe_open`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +85,9 @@ class Checkpoint:
                 out.update({k: sd[k].to(device, copy=True) for k in keys})
                 del sd
                 continue
+            if torch.device(device).type == "cpu":
+                out.update(read_safetensors(self.path / fname, keys))
+                continue
             with safe_open(str(self.path / fname), framework="pt", device=str(device)) as f:
                 out.update({k: f.get_tensor(k) for k in keys})
         return {n: out[n] for n in names}
@@ -103,6 +110,30 @@ def safetensors_header(path: Path) -> dict:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n))
+
+
+def read_safetensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """These tensors of one safetensors file as fresh host tensors (the same bytes safe_open gives), each read
+    with readinto at its header offsets: a read releases the GIL, so another thread's compute goes on meanwhile.
+    The header was checked when the checkpoint was opened (preflight.check_checkpoint)."""
+    out = {}
+    with open(path, "rb", buffering=0) as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        for k in keys:
+            h = header[k]
+            begin, end = h["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            view, got = memoryview(buf.numpy()), 0
+            f.seek(8 + n + begin)
+            while got < len(view):
+                r = f.readinto(view[got:])
+                if not r:
+                    raise CheckpointError(f"{path}: ends inside tensor {k} (bytes {begin}..{end} of its data); "
+                                          "the file is truncated, download it again")
+                got += r
+            out[k] = buf.view(ST_DTYPES[h["dtype"]]).reshape(h["shape"])
+    return out
 
 
 def _read_infos(ckpt: Checkpoint) -> dict[str, TensorInfo]:
@@ -170,10 +201,12 @@ def skeleton(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_module(ckpt: Checkpoint, meta_module: nn.Module, prefix: str, device, dtype: torch.dtype) -> nn.Module:
-    """A real copy of `meta_module` with its tensors read from the checkpoint names under `prefix`."""
+def load_module(ckpt: Checkpoint, meta_module: nn.Module, prefix: str, device, dtype: torch.dtype,
+                tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A real copy of `meta_module` with its tensors read from the checkpoint names under `prefix` (or given:
+    `tensors`, as read_prefix(prefix) returns them)."""
     module = copy.deepcopy(meta_module)
-    tensors = ckpt.read_prefix(prefix)
+    tensors = ckpt.read_prefix(prefix) if tensors is None else tensors
     expected = set(module.state_dict())
     if set(tensors) != expected:
         raise CheckpointError(
@@ -192,6 +225,50 @@ def load_block(ckpt: Checkpoint, skel: nn.Module, i: int, device, dtype: torch.d
     """Decoder layer i, materialised alone."""
     lm = ckpt.layer_map
     return load_module(ckpt, skel.get_submodule(lm.blocks)[i], lm.block_prefix(i), device, dtype)
+
+
+class LayerReader:
+    """The decoder layers in order (load_block's modules), each read ahead on one background thread: asking for
+    layer i starts the read of layer i + 1, so it overlaps layer i's compute. Holds one layer as stored (host
+    memory) beyond the one being computed. Use as a context manager; a failed read raises where its layer is
+    asked for. Asking out of order reads that layer in the caller's thread."""
+
+    def __init__(self, ckpt: Checkpoint, skel: nn.Module, device, dtype: torch.dtype):
+        self.ckpt, self.skel, self.device, self.dtype = ckpt, skel, device, dtype
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inf-quant-read")
+        self._ahead: tuple[int, Future] | None = None
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        return self.ckpt.read_prefix(self.ckpt.layer_map.block_prefix(i))
+
+    def block(self, i: int) -> nn.Module:
+        if self._ahead is not None and self._ahead[0] == i:
+            tensors = self._ahead[1].result()
+        else:
+            self._drop_ahead()
+            tensors = self._read(i)
+        self._ahead = None
+        if i + 1 < self.ckpt.num_layers:
+            self._ahead = (i + 1, self._pool.submit(self._read, i + 1))
+        lm = self.ckpt.layer_map
+        return load_module(self.ckpt, self.skel.get_submodule(lm.blocks)[i], lm.block_prefix(i), self.device,
+                           self.dtype, tensors)
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            if not self._ahead[1].cancel():  # running: wait; its error belongs to a layer nobody asked for
+                self._ahead[1].exception()
+            self._ahead = None
+
+    def close(self) -> None:
+        self._drop_ahead()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "LayerReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load_named(ckpt: Checkpoint, skel: nn.Module, name: str, device, dtype: torch.dtype) -> nn.Module:

@@ -99,16 +99,19 @@ def _layer_params(lmap: LayerMap, d: dict) -> int:
 
 
 def expected_quantize_peak(lmap: LayerMap, config: dict, samples: int, seqlen: int, batch: int,
-                           itemsize: int, flash_attention: bool, awq_samples: int = 0) -> Expected:
+                           itemsize: int, flash_attention: bool, awq_samples: int = 0,
+                           on_host: bool = True) -> Expected:
     """The device bytes a quantization run (pipeline.quantize) holds at its peak, beyond the process' base.
 
     hidden      2 x [S, T, D]                 the layer's input and the attention half's output buffer
     layer       one decoder layer in the compute dtype, + its bf16 bytes as read from the shards
+    read-ahead  the next layer's bf16 bytes, read on a background thread (load.LayerReader); host memory, so
+                counted only when the compute device is the host (on_host)
     work        the larger of: a forward chunk [B, T, .] (3 x FFN wide in the MLP; the [B, H, T, T] scores and
                 probabilities unless attention is flash/memory-efficient), and the largest solve: 4 x H [K, K] fp32
                 (the running sum, gptq_quantize's private copy, its Cholesky factor and inverse) + 2 x the stacked
                 weights [sum N, K] fp32 + codes [sum N, K] uint8; the embedding table as stored (bf16) at the start;
-                AWQ (awq_samples = n > 0): its captures, n x T x sum over groups of K fp32, + one module's
+                AWQ (awq_samples = n > 0): its captures, n x T x sum over groups of K in the compute dtype, + one module's
                 reference output [n, T, D] fp32
     itemsize: bytes per element of the compute dtype (4 on CPU: fp32, 2 on CUDA: bf16).
     """
@@ -125,8 +128,9 @@ def expected_quantize_peak(lmap: LayerMap, config: dict, samples: int, seqlen: i
         k = d[lmap.shapes[g.names[0]][1]]
         solves.append(4 * k * k * 4 + n * k * (2 * 4 + 1))
     table = d["vocab"] * D * 2
-    awq = awq_samples * T * (sum(d[lmap.shapes[g.names[0]][1]] for g in lmap.groups) + D) * 4
-    return Expected({"hidden states": hidden, "layer": layer,
+    awq = awq_samples * T * (sum(d[lmap.shapes[g.names[0]][1]] for g in lmap.groups) * itemsize + D * 4)
+    ahead = _layer_params(lmap, d) * 2 if on_host else 0
+    return Expected({"hidden states": hidden, "layer": layer, "read-ahead": ahead,
                      "forward/solve workspace": max(mlp, attn, max(solves), table, awq)})
 
 

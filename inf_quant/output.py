@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,10 +64,45 @@ class WorkDir:
     def layer_file(self, i: int) -> Path:
         return self.path / f"layer-{i:05d}.safetensors"
 
-    def save_layer(self, i: int, tensors: dict[str, torch.Tensor], ctx) -> None:
+    def save_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.path / f"layer-{i:05d}.tmp"
         save_file(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, self.layer_file(i))
+
+
+class LayerWriter:
+    """Finished layers saved to the work directory on one background thread while the next layer computes (the
+    twin of load.LayerReader). `save` copies the tensors to the host in the caller's thread (one copy each, none
+    on CPU) and hands them to the thread; at most one layer is in flight, a failed write raises at the next save
+    or at close. Use as a context manager: leaving waits for the last write, so a layer that was handed over is
+    on disk for --resume even when the run fails."""
+
+    def __init__(self, work: WorkDir):
+        self.work = work
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inf-quant-write")
+        self._pending: Future | None = None
+
+    def save(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        host = {k: v.detach().cpu() for k, v in tensors.items()}
+        self.wait()
+        self._pending = self._pool.submit(self.work.save_layer, i, host)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "LayerWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._pending is not None and self._pending.exception() is not None:
+                log.warning("the write of the last finished layer failed too: %s", self._pending.exception())
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def open_work_dir(ctx) -> WorkDir:

@@ -60,16 +60,19 @@ def _pack_last(fields: Tensor, bits: int) -> Tensor:
     """Pack the last dim (P fields of `bits` each) into one int32, field f at bits [f*bits, (f+1)*bits).
 
     fields: [..., P] integer in [0, 2**bits) -> [...] int32 (the 32 bits reinterpreted as signed)
+    Computed on fields' device in int32 (a shift into the sign bit wraps, as two's complement does): one
+    [...] int32 word tensor and one field at a time, no int64 temporaries.
     """
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=fields.device)
-    words = (fields.to(torch.int64) << shifts).sum(dim=-1)        # in [0, 2**32)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    words = fields[..., 0].to(torch.int32)
+    for f in range(1, fields.shape[-1]):
+        words |= fields[..., f].to(torch.int32) << (bits * f)
+    return words
 
 
 def _unpack_last(words: Tensor, bits: int) -> Tensor:
-    """Inverse of _pack_last: [...] int32 -> [..., 32 // bits] int64 in [0, 2**bits)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=words.device)
-    return ((words.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & (2**bits - 1)
+    """Inverse of _pack_last: [...] int32 -> [..., 32 // bits] int32 in [0, 2**bits), on words' device."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    return (words.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)  # arithmetic shift, then masked
 
 
 def _check_multiple(what: str, value: int, p: int, fmt: str) -> None:
@@ -96,7 +99,7 @@ def pack_gptq(codes: Tensor, zero: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     _check_range(codes, bits, "codes")
     _check_range(zero, bits, "zero")
     qweight = _pack_last(codes.T.reshape(k // p, p, n).transpose(1, 2), bits)          # [K/P, N]
-    stored = (zero.to(torch.int64) - 1) & (2**bits - 1)                                # v1 off-by-one
+    stored = (zero.to(torch.int32) - 1) & (2**bits - 1)                                # v1 off-by-one
     qzeros = _pack_last(stored.T.reshape(n_groups, n // p, p), bits)                   # [n_groups, N/P]
     return qweight, qzeros
 
@@ -140,7 +143,7 @@ def pack_awq(codes: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _unpack_awq(words: Tensor, what: str) -> Tensor:
-    """[R, N // 8] int32 AWQ words -> [N, R] int64 in natural column order."""
+    """[R, N // 8] int32 AWQ words -> [N, R] int32 in natural column order."""
     if words.dim() != 2:
         raise CheckpointError(f"AWQ {what} must be 2-D [rows, N // 8], got shape {tuple(words.shape)}")
     reverse = torch.tensor(AWQ_REVERSE_ORDER, device=words.device)

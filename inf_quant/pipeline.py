@@ -3,8 +3,11 @@
 Layer i is calibrated on the outputs of the already-quantized layers 0..i-1 (sequential); the quantization of one
 layer is gptq_block.py or awq_block.py (twins), its forward passes forward.py. Memory is one decoder layer + the
 calibration activations [S, T, D] (twice: the layer's input and its output buffer) + one group's H and its stacked
-weights and solve workspace (memory.expected_quantize_peak states it).
-Finished layers are saved to a work directory, so `resume` rebuilds them from disk instead of re-solving.
+weights and solve workspace, + on the host the next layer as stored (memory.expected_quantize_peak states it).
+I/O overlaps the compute: the next layer is read from the shards on a background thread (load.LayerReader) and a
+finished layer's packed tensors (packed on the device, qformat.py) are copied to the host once and written to the
+work directory on another (output.LayerWriter), so `resume` rebuilds finished layers from disk instead of
+re-solving.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .export import check_layout
 from .forward import forward_all
 from .gptq_block import gptq_block, set_weight
 from .layermap import LayerMap
-from .load import Checkpoint, embed_ids, hf_config, load_block, open_checkpoint, rotary, skeleton
+from .load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
 from .lock import output_lock
 from .memory import Expected, PeakMemory, expected_quantize_peak, gib
 from .qformat import from_tensors
@@ -142,7 +145,7 @@ def expected_peak(ctx: Context) -> Expected:
     S, T = ctx.ids.shape
     awq = min(S, max(1, r.awq.search_tokens // T)) if r.method is Method.AWQ else 0
     return expected_quantize_peak(ctx.lmap, ctx.ckpt.config, S, T, r.run.forward_batch, ctx.dtype.itemsize,
-                                  flash_attention=True, awq_samples=awq)
+                                  flash_attention=True, awq_samples=awq, on_host=ctx.device.type == "cpu")
 
 
 def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerResult], PeakMemory]:
@@ -154,13 +157,14 @@ def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerRes
              "" if peak.cuda else f", on top of {gib(peak.base_rss)} held before the layers")
     skel = skeleton(ctx.config)
     rope_mod = rotary(ctx.config, ctx.device)
-    with torch.no_grad():
+    with torch.no_grad(), LayerReader(ctx.ckpt, skel, ctx.device, ctx.dtype) as reader, \
+            output.LayerWriter(work) as writer:
         hidden = embed_ids(ctx.ckpt, ctx.ids, ctx.device, ctx.dtype)  # [S, T, D]: 128 x 2048 x 8192 bf16 = 4 GiB (INF-34B)
         rope = rope_mod(hidden[:1], torch.arange(hidden.shape[1], device=ctx.device)[None])
         results = []
         for i in range(ctx.ckpt.num_layers):
             t_layer = time.monotonic()
-            block = load_block(ctx.ckpt, skel, i, ctx.device, ctx.dtype)
+            block = reader.block(i)       # starts reading layer i + 1
             saved = work.layer_file(i)
             out = None
             if saved.is_file():
@@ -168,7 +172,8 @@ def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerRes
                 losses, notes, scales, resumed = {}, [], {}, True
             else:
                 tensors, losses, notes, scales, out = quantize_layer(ctx, block, i, hidden, rope)
-                work.save_layer(i, tensors, ctx)
+                writer.save(i, tensors)   # written while layer i + 1 computes
+                del tensors
                 resumed = False
             hidden = out if out is not None else forward_all(block, hidden, rope, recipe.run.forward_batch,
                                                              in_place=True)

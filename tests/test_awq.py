@@ -15,7 +15,7 @@ from inf_quant.errors import ConfigError, NumericalError
 from inf_quant.quant import awq
 from inf_quant.quant.awq import (
     activation_stats, apply_clip, can_fold_into_linear, fold_scale_into_linear_outputs,
-    fold_index, fold_scale_into_norm, scale_candidates, scale_linear_inputs, search_clip, search_scale,
+    fold_index, fold_scale_into_norm, linear_output_loss, scale_candidates, scale_linear_inputs, search_clip, search_scale,
     weight_stats,
 )
 from tolerances import GRID_HALF_STEP_SLACK, assert_close
@@ -497,3 +497,33 @@ def test_the_awq_format_refuses_codes_whose_groups_are_not_i_over_g():
     shuffled = QuantizedWeight(**{**q.__dict__, "g_idx": (torch.arange(k).flip(0) // g).int()})
     with pytest.raises(ValueError, match="no g_idx"):
         to_tensors(shuffled, Method.AWQ, "x")
+
+
+# --- bf16 runs: captures in the compute dtype, the output-error GEMM in bf16 ------------------------------------
+
+def test_bf16_output_error_gemm_is_bf16_and_close_to_fp32():
+    """bf16 captures make linear_output_loss multiply in bf16 (fp32 accumulation): not the fp32 GEMM's value,
+    within 1 % of it, and the search picks the same candidate on outlier data (SmolLM2's real layers:
+    bench/awq_bf16_search.py)."""
+    x, weights = _outlier_x(256, D, 31).to(torch.bfloat16), _qkv(32)
+    cands = [awq._fake_quant(w, 4, 16, True) for w in weights]
+    l16, l32 = linear_output_loss(x, weights)(cands), linear_output_loss(x.float(), weights)(cands)
+    assert l16 != l32 and l16 == pytest.approx(l32, rel=1e-2)
+    r16, r32 = search_scale(x, weights, CFG), search_scale(x.float(), weights, CFG)
+    assert (r16.form, r16.alpha) == (r32.form, r32.alpha)
+
+
+@torch.no_grad()
+def test_bf16_captures_are_the_exact_inputs_and_the_fold_divides_them_in_place():
+    block, rotary = _tiny_layer("llama")
+    block = block.to(torch.bfloat16)
+    hidden = torch.randn(3, 12, 64, generator=_gen(33)).to(torch.bfloat16)
+    rope = tuple(r.to(torch.bfloat16) for r in rotary(hidden[:1], torch.arange(12)[None]))
+    groups = LAYER_MAPS["llama"].groups
+    xs, kwargs = capture_group_inputs(block, groups, hidden, rope, batch=2)
+    assert all(x.dtype == torch.bfloat16 for x in xs)
+    assert torch.equal(xs[0], block.input_layernorm(hidden))
+    before = xs[0].clone()
+    out, res = block_mod._fold(block, groups[0], "", xs[0], kwargs[0], FULL, 2, 8, [])
+    assert out is xs[0] and out.dtype == torch.bfloat16
+    assert torch.equal(out, (before.float() / res.scales).to(torch.bfloat16))

@@ -34,34 +34,95 @@ def test_streamed_layers_equal_full_load(tiny_ckpt):
     assert seen == set(full)
 
 
-def test_layer_reads_touch_only_that_layer(tiny_ckpt, monkeypatch):
-    """Reading layer i asks the shards for layer i's tensors and nothing else."""
+
+def _spy_reads(monkeypatch):
+    """Record every tensor name the loader reads from a shard (host reads: read_safetensors)."""
     import inf_quant.load as load
 
+    asked, real = [], load.read_safetensors
+
+    def spy(path, keys):
+        asked.extend(keys)
+        return real(path, keys)
+
+    monkeypatch.setattr(load, "read_safetensors", spy)
+    return asked
+
+
+def test_layer_reads_touch_only_that_layer(tiny_ckpt, monkeypatch):
+    """Reading layer i asks the shards for layer i's tensors and nothing else."""
     ckpt = open_checkpoint(tiny_ckpt)
-    asked = []
-    real = load.safe_open
-
-    class Spy:
-        def __init__(self, *a, **k):
-            self.f = real(*a, **k)
-
-        def __enter__(self):
-            self.inner = self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def get_tensor(self, name):
-            asked.append(name)
-            return self.inner.get_tensor(name)
-
-    monkeypatch.setattr(load, "safe_open", Spy)
+    asked = _spy_reads(monkeypatch)
     skel = skeleton(hf_config(ckpt))
     load_block(ckpt, skel, 1, "cpu", torch.bfloat16)
     assert asked and all(n.startswith("model.layers.1.") for n in asked)
     assert len(asked) == len(ckpt.names("model.layers.1."))
+
+
+def test_plain_reads_give_safe_opens_bytes(tmp_path):
+    """read_safetensors (readinto at the header offsets) returns exactly what safetensors' own reader does, for
+    every dtype and shape (0-d and empty included); a truncated shard is named, not read short."""
+    from safetensors import safe_open
+
+    from inf_quant.load import read_safetensors
+    from inf_quant.write import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"bf16": torch.randn(7, 33, generator=g).bfloat16(), "f32": torch.randn(5, generator=g),
+               "f16": torch.randn(3, 2, 2, generator=g).half(), "i32": torch.randint(-2**31, 2**31 - 1, (9, 4),
+                                                                                    generator=g, dtype=torch.int32),
+               "u8": torch.randint(0, 255, (13,), generator=g, dtype=torch.uint8), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    got = read_safetensors(path, list(tensors))
+    with safe_open(str(path), framework="pt") as f:
+        for k in tensors:
+            want = f.get_tensor(k)
+            assert got[k].dtype == want.dtype and got[k].shape == want.shape, k
+            assert torch.equal(got[k], want), k
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors(path, list(tensors))
+
+
+def test_layer_reader_reads_ahead_and_matches_load_block(tiny_ckpt, monkeypatch):
+    """LayerReader gives load_block's modules; asking for layer i has started reading layer i + 1 (and no
+    further); out of order is read on the spot; a failed read-ahead raises where its layer is asked for."""
+    import inf_quant.load as load
+    from inf_quant.load import LayerReader
+
+    ckpt = open_checkpoint(tiny_ckpt)
+    skel = skeleton(hf_config(ckpt))
+    asked = _spy_reads(monkeypatch)
+    with LayerReader(ckpt, skel, "cpu", torch.float32) as reader:
+        for i in range(ckpt.num_layers):
+            block = reader.block(i)
+            want = load_block(ckpt, skel, i, "cpu", torch.float32)
+            for k, v in want.state_dict().items():
+                assert torch.equal(block.state_dict()[k], v), (i, k)
+            if i + 1 < ckpt.num_layers:
+                reader._ahead[1].result()
+                layers = {int(n.split(".")[2]) for n in asked}
+                assert layers <= {i, i + 1} and i + 1 in layers, (i, sorted(layers))
+            asked.clear()
+        block = reader.block(0)       # out of order
+        assert torch.equal(block.self_attn.q_proj.weight, load_block(ckpt, skel, 0, "cpu", torch.float32)
+                           .self_attn.q_proj.weight)
+
+    real = load.read_safetensors
+
+    def failing(path, keys):
+        if any(k.startswith("model.layers.1.") for k in keys):
+            raise CheckpointError("layer 1 is unreadable")
+        return real(path, keys)
+
+    monkeypatch.setattr(load, "read_safetensors", failing)
+    with LayerReader(ckpt, skel, "cpu", torch.float32) as reader:
+        reader.block(0)
+        with pytest.raises(CheckpointError, match="layer 1 is unreadable"):
+            reader.block(1)
 
 
 def test_peak_memory_is_one_layer(tmp_path):

@@ -156,3 +156,67 @@ def test_shape_errors():
         unpack_gptq_qzeros(qzeros, 4, 32)
     with pytest.raises(CheckpointError, match="must be 2-D"):
         unpack_awq_qweight(qweight.flatten())
+
+
+def _reference_pack_last(fields, bits):
+    """The packer before issue 9 (int64 words on the host), kept as the slow obvious reference."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    words = (fields.cpu().to(torch.int64) << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_device_packer_is_bit_identical_to_the_int64_reference(bits, device):
+    """pack_gptq / pack_awq now pack in int32 on the codes' device: the same words as the int64 host packer,
+    top fields (the sign bit) included, and unpacking on the device inverts them."""
+    from inf_quant import pack
+
+    n, k, n_groups = 256, 384, 3
+    codes, zero = _random(n, k, n_groups, bits, seed=bits)
+    codes[:, -1] = 2**bits - 1                          # every word's top field set: negative int32 words
+    p = 32 // bits
+    qweight, qzeros = pack_gptq(codes.to(device), zero.to(device), bits)
+    assert qweight.device.type == device and qzeros.device.type == device
+    want_w = _reference_pack_last(codes.T.reshape(k // p, p, n).transpose(1, 2), bits)
+    want_z = _reference_pack_last(((zero.long() - 1) & (2**bits - 1)).T.reshape(n_groups, n // p, p), bits)
+    assert torch.equal(qweight.cpu(), want_w) and torch.equal(qzeros.cpu(), want_z)
+    assert bool((want_w < 0).any())
+    assert torch.equal(unpack_gptq_qweight(qweight, bits, k).cpu(), codes)
+    assert torch.equal(pack._unpack_last(qweight, bits).cpu().long(),
+                       (want_w.long().unsqueeze(-1) & 0xFFFFFFFF) >> torch.arange(0, 32, bits) & (2**bits - 1))
+    if bits == 4:
+        qweight, qzeros = pack_awq(codes.to(device), zero.to(device))
+        order = torch.tensor(pack.AWQ_ORDER)
+        assert torch.equal(qweight.cpu(), _reference_pack_last(codes.T.reshape(k, n // 8, 8)[..., order], 4))
+        assert torch.equal(qzeros.cpu(), _reference_pack_last(zero.T.reshape(n_groups, n // 8, 8)[..., order], 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_from_tensors_is_bit_identical_to_the_gathered_formula(act_order, device):
+    """from_tensors' in-place dequantization (a broadcast view for groups i // G, a gather for act-order g_idx)
+    gives exactly (codes - zero[:, g_idx]) * scale[:, g_idx], on the tensors' device."""
+    from inf_quant.config import Method
+    from inf_quant.qformat import from_tensors
+
+    n, k, g, bits = 64, 256, 32, 4
+    codes, zero = _random(n, k, k // g, bits, seed=5)
+    zero[zero == 0] = 1
+    scale = (torch.rand(n, k // g, generator=torch.Generator().manual_seed(1)) + 1e-3).half().float()
+    g_idx = torch.arange(k, dtype=torch.int32) // g
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=torch.Generator().manual_seed(2))]
+    qweight, qzeros = pack_gptq(codes, zero, bits)
+    t = {"qweight": qweight, "qzeros": qzeros, "scales": scale.t().half(), "g_idx": g_idx}
+    got = from_tensors({kk: v.to(device) for kk, v in t.items()}, Method.GPTQ, bits, k)
+    want = (codes.float() - zero[:, g_idx.long()].float()) * scale[:, g_idx.long()]
+    assert got.device.type == device and torch.equal(got.cpu(), want)
+    if not act_order:
+        aw, az = pack_awq(codes, zero)
+        got = from_tensors({"qweight": aw.to(device), "qzeros": az.to(device), "scales": scale.t().half().to(device)},
+                           Method.AWQ, bits, k)
+        assert torch.equal(got.cpu(), want)

@@ -176,6 +176,29 @@ def test_resume_after_interruption_gives_identical_bytes(tmp_path, inflm_ckpt, m
     assert not (tmp_path / ".resumed.partial").exists()
 
 
+def test_layer_writer_writes_behind_and_raises_its_failures(tmp_path, monkeypatch):
+    """Finished layers are written on a background thread: the file holds what was saved, a failed write is
+    raised at the next save (not lost), and leaving the writer waits for the write in flight."""
+    from inf_quant.output import LayerWriter, WorkDir
+
+    work = WorkDir(tmp_path)
+    t = {"a.qweight": torch.arange(12, dtype=torch.int32).reshape(3, 4), "a.scales": torch.ones(2, 4).half()}
+    with LayerWriter(work) as writer:
+        writer.save(0, t)
+    with safe_open(str(work.layer_file(0)), framework="pt") as f:
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in t.items())
+
+    def broken(self, i, tensors):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(WorkDir, "save_layer", broken)
+    with pytest.raises(OSError, match="No space left"), LayerWriter(work) as writer:
+        writer.save(1, t)
+        writer.save(2, t)
+        pytest.fail("the failed write of layer 1 was not raised")
+    assert not work.layer_file(1).exists()
+
+
 def test_asymmetric_zero_point_of_zero_is_refused_not_written_broken(tmp_path, capsys):
     """gptqmodel's v1->v2 conversion corrupts a stored zero of 0; inf-quant refuses instead of writing it."""
     model = build_tiny_checkpoint(tmp_path / "m", "llama")

@@ -13,7 +13,10 @@ search). Results are frozen dataclasses that can be saved and applied later.
 Loss conventions follow AutoAWQ (`quantizer.py`: `_search_best_scale`, `_compute_best_scale`,
 `_search_best_clip`); every search evaluates the identity candidate (plain a = 0, clip ratio = 1),
 so its result never loses to it on its own data. Every function works on the device of its inputs
-(pass them on one device), does its math in fp32, and never modifies its arguments.
+(pass them on one device) and never modifies its arguments. The math is fp32, except the output-error GEMM of
+linear_output_loss, which runs in the captures' dtype: bf16 captures (a bf16 run's exact inputs) are multiplied
+with the bf16-rounded weight error in bf16 with fp32 accumulation, and the squares summed in fp32 (checked
+against the fp32 GEMM on SmolLM2's real layers: bench/awq_bf16_search.py, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -167,18 +170,25 @@ def scale_candidates(act_mean: Tensor, w_mean: Tensor, cfg: AWQConfig) -> list[t
 
 
 def _output_sq_error(x: Tensor, delta: Tensor) -> float:
-    """sum ||x delta^T||^2 over row chunks; x: [M, K] any float dtype, delta: [N, K] fp32."""
+    """sum ||x delta^T||^2 over row chunks; x: [M, K] fp32 or bf16/fp16, delta: [N, K] fp32.
+
+    fp32 x: an fp32 GEMM. A 16-bit x: delta is rounded to x's dtype and the GEMM runs in it (fp32 accumulation
+    inside the GEMM, the output rounded to x's dtype), squares summed in fp32: each term carries a relative
+    error of about 2**-8, which the search's argmin tolerates (bench/awq_bf16_search.py measures it)."""
     err = 0.0
+    d = delta if x.dtype == torch.float32 else delta.to(x.dtype)
     for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
-        xc = x[start:start + _ROWS_PER_CHUNK].to(torch.float32)
-        err += float((xc @ delta.T).pow(2).sum())
+        xc = x[start:start + _ROWS_PER_CHUNK]
+        xc = xc if xc.dtype == d.dtype else xc.to(torch.float32)
+        err += float((xc @ d.T).float().pow(2).sum())
     return err
 
 
 def linear_output_loss(x: Tensor, weights: list[Tensor]) -> Callable[[list[Tensor]], float]:
     """The loss of candidate weights on the Linears' own outputs: sum_i ||x W_i^T - x Wq_i^T||^2 / (M sum_i N_i).
 
-    x: [M, K] any float dtype (kept by reference, read in _ROWS_PER_CHUNK-row chunks; not modified)
+    x: [M, K] fp32, or bf16/fp16 for a 16-bit GEMM (_output_sq_error) (kept by reference, read in
+       _ROWS_PER_CHUNK-row chunks; not modified)
     weights: list of [N_i, K] the original weights. The returned callable takes the candidates Wq_i = Q(W_i s)/s
     ([N_i, K] fp32) and computes ||x delta^T||^2 with delta = concat_i(W_i - Wq_i): [sum N_i, K] fp32 (one matmul,
     no cancellation between two large outputs). Peak extra: delta (320 MiB for INF-34B q/k/v: 10240 x 8192), one
