@@ -243,8 +243,13 @@ class VerifyConfig:
     def __post_init__(self):
         if self.seqlen < MIN_SEQLEN:
             raise ConfigError(f"verify.seqlen (--seqlen) must be >= {MIN_SEQLEN} tokens, got {self.seqlen}")
-        if self.top_k < 1 or self.max_windows < 0 or self.vram_gib <= 0 or self.context < 0 or self.baseline_gib <= 0:
-            raise ConfigError("verify: top_k >= 1, max_windows >= 0, vram_gib > 0, context >= 0, baseline_gib > 0")
+        for flag, value, ok, rule in (("--top-k", self.top_k, self.top_k >= 1, ">= 1"),
+                                      ("--max-windows", self.max_windows, self.max_windows >= 0, ">= 0"),
+                                      ("--vram-gib", self.vram_gib, self.vram_gib > 0, "> 0"),
+                                      ("--context", self.context, self.context >= 0, ">= 0"),
+                                      ("--baseline-gib", self.baseline_gib, self.baseline_gib > 0, "> 0")):
+            if not ok:
+                raise ConfigError(f"verify {flag} must be {rule}, got {value:g}")
 
 
 @dataclass(frozen=True)

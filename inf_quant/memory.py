@@ -50,16 +50,18 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+        self._reset_cuda()
         self.hwm_reset = False   # the host high-water mark is the process' own, earlier peaks included
         self.base_rss = rss_bytes()
+
+    def _reset_cuda(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def reset(self) -> None:
         """Start a new phase: CUDA peak stats reset; the host high-water mark lowered to the RSS now (Linux
         /proc/self/clear_refs; where that is not allowed, `hwm_reset` is False and peaks include earlier ones)."""
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self._reset_cuda()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

@@ -89,3 +89,11 @@ def test_bad_input_exits_2_with_one_line(tiny_pair, tmp_path, capsys, case):
     code, _, err = cli("verify", quant, "--baseline", baseline, capsys=capsys)
     lines = [x for x in err.splitlines() if x.startswith("inf-quant")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.parametrize("flag, value", [("--baseline-gib", "0"), ("--top-k", "0"), ("--vram-gib", "-1")])
+def test_bad_settings_exit_2_naming_the_flag_before_any_work(tiny_pair, capsys, flag, value):
+    base, out = tiny_pair
+    code, _, err = cli("verify", out, "--baseline", base, flag, value, capsys=capsys)
+    lines = [x for x in err.splitlines() if x.startswith("inf-quant")]
+    assert code == 2 and len(lines) == 1 and f"{flag} must be" in lines[0], err
