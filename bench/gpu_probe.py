@@ -10,6 +10,12 @@ columns, setup, pack, write, awq; synchronized on CUDA), the expected peak and t
     python bench/gpu_probe.py --hidden 512 --ffn 1408 --heads 8 --kv-heads 2 --layers 2 --samples 4 --seqlen 128 \\
         --device cpu --out /tmp/probe-small                      # the same code path, small, on CPU
 
+With --verify-seqlen N (e.g. 4096), `inf-quant verify` then runs on the GPTQ output at N-token windows (8 windows
+of the bundled calibration text; the metrics mean nothing on random weights) and one more JSON line gives verify's
+own peak per phase, measured (CUDA allocated) and expected (memory.expected_verify_peak), and the expectation for
+the 48-layer model at the same shapes. The opt-in CUDA paths are switched on by their environment variables
+(INF_QUANT_CUDA_GRAPH_COLUMNS=1, INF_QUANT_CUDA_BF16_HESSIAN=1); each JSON line says which were on.
+
 Prints one JSON line per method; record the numbers in bench/RESULTS.md with the machine and date.
 """
 
@@ -117,11 +123,46 @@ def main() -> None:
     ap.add_argument("--forward-batch", type=int, default=8)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--methods", nargs="+", default=["gptq", "awq"])
+    ap.add_argument("--verify-seqlen", type=int, default=0, help="then verify the GPTQ output at this window length")
     a = ap.parse_args()
     model = build(a.out / "model", a)
     spent = install(sync=a.device == "cuda", sample_rss=False)[0]
     for m in a.methods:
-        print(json.dumps(run(model, a.out, Method(m), a, spent)), flush=True)
+        print(json.dumps({**run(model, a.out, Method(m), a, spent), "opt_in": opt_ins()}), flush=True)
+    if a.verify_seqlen and "gptq" in a.methods:
+        print(json.dumps(verify_peak(model, a.out / "gptq", a)), flush=True)
+
+
+def opt_ins() -> dict:
+    from inf_quant.device import OPT_IN, opt_in
+
+    return {name: opt_in(name) for name in OPT_IN}
+
+
+def verify_peak(model: Path, quant: Path, a) -> dict:
+    """verify on the probe's GPTQ output: its own peak per phase, measured and expected, + the 48-layer expectation."""
+    from inf_quant.config import VerifyConfig
+    from inf_quant.fit import checkpoint_bytes
+    from inf_quant.layermap import layer_map_for
+    from inf_quant.memory import expected_verify_peak
+    from inf_quant.verify import verify
+
+    t0 = time.monotonic()
+    rep = verify(VerifyConfig(quantized=str(quant), baseline=str(model), eval="bundled", seqlen=a.verify_seqlen,
+                              max_windows=8, device=Device(a.device), cache_dir=str(a.out / "cache"),
+                              report_dir=str(a.out / "verify")))
+    own = rep.data["vram"]["verify"]
+    cfg = json.loads((model / "config.json").read_text())
+    heads = 2 * 8192 * a.hidden * 2                          # the probe's fp16 embedding + lm_head (8192 vocab)
+    weights_48 = (checkpoint_bytes(quant)[1] - heads) / a.layers * 48 + 2 * 96512 * a.hidden * 2
+    exp48 = expected_verify_peak(layer_map_for("inflm"), {**cfg, "num_hidden_layers": 48, "vocab_size": 96512},
+                                 int(weights_48), 8, a.verify_seqlen, 4, 2, True)
+    gib = lambda n: round(n / 2**30, 2)  # noqa: E731
+    return {"verify_seqlen": a.verify_seqlen, "windows": own["windows"], "seconds": round(time.monotonic() - t0, 1),
+            "measured_gib": {k: gib(v["peak_bytes"]) for k, v in own["phases"].items()},
+            "measured_added_gib": {k: gib(v["added_bytes"]) for k, v in own["phases"].items()},
+            "expected_gib": {k: gib(v) for k, v in own["expected_terms"].items()},
+            "expected_48_layers_vocab_96512_gib": {k: gib(v) for k, v in exp48.terms.items()}}
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def resolve_device(dev: Device, dtype: DType = DType.AUTO, gpu: int = 0) -> tupl
 
 
 # CUDA-only paths that no GPU run of this project has compared with the eager path yet: off unless asked for.
-OPT_IN = ("INF_QUANT_CUDA_BF16_HESSIAN",)
+OPT_IN = ("INF_QUANT_CUDA_BF16_HESSIAN", "INF_QUANT_CUDA_GRAPH_COLUMNS")
 
 
 def opt_in(name: str) -> bool:

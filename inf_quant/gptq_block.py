@@ -36,7 +36,7 @@ def gptq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple,
     tensors, losses, notes = {}, {}, []
     lmap, cfg, batch = ctx.lmap, cfg or ctx.recipe.gptq, ctx.recipe.run.forward_batch
     prefix = lmap.block_prefix(i)
-    bf16_gemm = opt_in("INF_QUANT_CUDA_BF16_HESSIAN")
+    bf16_gemm, graphs = opt_in("INF_QUANT_CUDA_BF16_HESSIAN"), opt_in("INF_QUANT_CUDA_GRAPH_COLUMNS")
     x, done, kept = hidden, 0, None   # x: the current half's input; kept: a half's output buffer, filled
     for gi, group in enumerate(lmap.groups):
         k = _half_of(lmap, group)
@@ -68,7 +68,8 @@ def gptq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple,
         solved = [(n, m) for n, m in zip(group.names, mods) if n not in skipped]
         label = f"{prefix}{'+'.join(n for n, _ in solved)}"
         h = hessian_finish_(state["h"], state["n"])
-        stacked = gptq_quantize(torch.cat([m.weight.float() for _, m in solved]), h, cfg, name=label)
+        stacked = gptq_quantize(torch.cat([m.weight.float() for _, m in solved]), h, cfg, name=label,
+                                cuda_graphs=graphs)
         del state, h
         if stacked.damp > cfg.damp:
             notes.append(f"{label}: damping raised to {stacked.damp:g}")

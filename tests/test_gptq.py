@@ -313,3 +313,61 @@ def test_linears_sharing_h_solved_stacked_give_the_codes_of_each_solved_alone(or
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
         assert torch.equal(a.g_idx, b.g_idx) and a.damp == b.damp
         assert abs(a.proxy_loss - b.proxy_loss) <= 1e-5 * max(a.proxy_loss, 1.0)
+
+
+def _graph_inputs(order, sym, k=256, n=48, seed=7, clip_steps=0):
+    """gptq_quantize's working W and Hinv in solve order, for comparing the two column loops directly."""
+    from inf_quant.quant import gptq
+
+    w, _, h = _data(seed=seed, m=512, n=n, k=k)
+    cfg = GPTQConfig(bits=4, group_size=64, block_size=64, order=order, sym=sym, clip_steps=clip_steps)
+    perm = gptq.solve_order(h.diagonal().clone(), 64, order)
+    W, H = (w.clone(), h.clone()) if perm is None else (w[:, perm].clone(), h[perm][:, perm].clone())
+    hinv, _ = gptq._damped_hinv_(H, cfg, "x")
+    col = torch.arange(k) if perm is None else perm
+    return gptq, cfg, W, hinv, (col // 64).tolist()
+
+
+@pytest.mark.parametrize("order", [Order.NATURAL, Order.GROUP_AWARE])
+@pytest.mark.parametrize("sym, clip_steps", [(True, 0), (False, 0), (True, 10)])
+def test_the_graphable_block_loop_equals_the_column_loop(order, sym, clip_steps):
+    """_solve_graphed without capture (the blocks CUDA graphs would replay, run eagerly) gives _solve's codes,
+    qparams and per-row loss, where each block is one group (G == block size, qparams at the group's start)."""
+    gptq, cfg, W, hinv, col_group = _graph_inputs(order, sym, clip_steps=clip_steps)
+    assert gptq.graphable(*W.shape, 64, cfg)
+    want = gptq._solve(W.clone(), hinv, 64, cfg, col_group, None)
+    got = gptq._solve_graphed(W.clone(), hinv, 64, cfg, col_group, capture=False)
+    for a, b, what in zip(got[:3], want[:3], ("codes", "scale", "zero")):
+        assert torch.equal(a, b), what
+    assert_close(got[3], want[3], atol=0.0, rtol=1e-6, what="loss per row")   # summed per block, then added
+    assert not gptq.graphable(48, 256, 32, cfg) and not gptq.graphable(48, 256, 64, GPTQConfig(
+        group_size=64, block_size=64, order=Order.ACT))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("order", [Order.NATURAL, Order.GROUP_AWARE])
+def test_cuda_graph_columns_equal_the_eager_cuda_loop(order):
+    """The opt-in INF_QUANT_CUDA_GRAPH_COLUMNS path: one captured block replayed per block gives the eager CUDA
+    loop's codes exactly. Never run on this project's CPU machines; the first GPU run decides whether it may be
+    switched on."""
+    gptq, cfg, W, hinv, col_group = _graph_inputs(order, True, k=512, n=256)
+    W, hinv = W.cuda(), hinv.cuda()
+    want = gptq._solve(W.clone(), hinv, 64, cfg, col_group, None)
+    got = gptq._solve_graphed(W.clone(), hinv, 64, cfg, col_group, capture=True)
+    for a, b, what in zip(got[:3], want[:3], ("codes", "scale", "zero")):
+        assert torch.equal(a, b), what
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_hessian_gemm_equals_the_fp32_one():
+    """The opt-in INF_QUANT_CUDA_BF16_HESSIAN path: bf16 x bf16 products are exact in fp32, so the Hessian differs
+    from the fp32 GEMM's only by summation order. Never run on this project's CPU machines."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4096, 512, generator=g) * torch.rand(512, generator=g).add(0.1)).to(torch.bfloat16).cuda()
+    hs = []
+    for low in (False, True):
+        acc = torch.zeros(512, 512, device="cuda")
+        hs.append(hessian_finish_(acc, hessian_add_(acc, x, bf16_gemm=low)))
+    assert_close(hs[1].cpu(), hs[0].cpu(), HESSIAN_ATOL, HESSIAN_RTOL, "bf16-GEMM H")
