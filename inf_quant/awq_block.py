@@ -112,8 +112,8 @@ def module_output_loss(module: nn.Module, linears: list[nn.Linear], x: torch.Ten
     return loss
 
 
-def _fold(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, cfg, batch: int, head_dim: int,
-          notes: list[str]):
+def _fold_(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, cfg, batch: int,
+           head_dim: int, notes: list[str]):
     """Search and fold the group's scale. Returns (the group's input as the scaled weights now see it: x itself,
     divided by the scale in place, ScaleResult or None if no scale could be folded)."""
     mods = [block.get_submodule(n) for n in group.names]
@@ -165,7 +165,7 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     notes: list[str] = []
     scales = {}
     for gi, group in enumerate(groups):
-        xs[gi], res = _fold(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, head_dim, notes)
+        xs[gi], res = _fold_(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, head_dim, notes)
         scales[group_label(group)] = (res.form, res.alpha) if res else ("none", 0.0)
     if cfg.solve is WeightSolve.GPTQ:  # the scaled layer, quantized by GPTQ group by group (true sequential)
         del xs

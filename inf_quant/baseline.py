@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .calibrate import file_sha256
 from .forward import forward_all
-from .load import Checkpoint, embed_ids, hf_config, load_block, load_named, rotary, skeleton
+from .load import Checkpoint, LayerReader, embed_ids, hf_config, load_named, rotary, skeleton
 from .memory import BASELINE_GIB, windows_per_pass
 from .metrics import topk_logprobs
 
@@ -74,28 +74,29 @@ def streamed_logprobs(ckpt: Checkpoint, windows: torch.Tensor, top_k: int, devic
     """Run the checkpoint one decoder layer at a time over windows [S, T]: (target [S, T-1], topk_logp
     [S, T-1, k], topk_idx [S, T-1, k]), on the host.
 
-    The windows go in passes of windows_per_pass (budget_gib of hidden states); each pass streams every layer,
-    so the device holds one layer + one pass's hidden states [S', T, D] (written in place) + one window's logits
-    [T, V] fp32, whatever the eval set's size; passes beyond the first re-read the checkpoint.
+    The windows go in passes of windows_per_pass (budget_gib of hidden states); each pass streams every layer
+    (load.LayerReader: the next layer read on a background thread), so the device holds one layer + one pass's
+    hidden states [S', T, D] (written in place) + one window's logits [T, V] fp32, whatever the eval set's size;
+    passes beyond the first re-read the checkpoint.
     """
     config = hf_config(ckpt, trust_remote_code)
     lm, skel = ckpt.layer_map, skeleton(config)
     per = windows_per_pass(windows.shape[1], int(config.hidden_size), dtype.itemsize, budget_gib)
     norm = load_named(ckpt, skel, lm.final_norm, device, dtype)
     head = load_named(ckpt, skel, lm.lm_head, device, dtype)
-    outs = []
-    for p0 in range(0, len(windows), per):
-        part = windows[p0: p0 + per].to(device)
-        hidden = embed_ids(ckpt, part, device, dtype)
-        rope = rotary(config, device)(hidden[:1], torch.arange(hidden.shape[1], device=device)[None])
-        for i in range(ckpt.num_layers):
-            block = load_block(ckpt, skel, i, device, dtype)
-            hidden = forward_all(block, hidden, rope, batch, in_place=True)
-            del block
-        for s in range(len(hidden)):
-            logits = head(norm(hidden[s, :-1]))
-            outs.append([o.cpu() for o in topk_logprobs(logits, part[s, 1:], top_k)])
-        del hidden
+    outs, rope = [], None
+    with LayerReader(ckpt, skel, device, dtype) as reader:
+        for p0 in range(0, len(windows), per):
+            part = windows[p0: p0 + per].to(device)
+            hidden = embed_ids(ckpt, part, device, dtype)
+            if rope is None:   # the same for every pass: it depends on T and the dtype only
+                rope = rotary(config, device)(hidden[:1], torch.arange(hidden.shape[1], device=device)[None])
+            for i in range(ckpt.num_layers):
+                hidden = forward_all(reader.block(i), hidden, rope, batch, in_place=True)
+            for s in range(len(hidden)):
+                logits = head(norm(hidden[s, :-1]))
+                outs.append([o.cpu() for o in topk_logprobs(logits, part[s, 1:], top_k)])
+            del hidden
     return tuple(torch.stack([o[j] for o in outs]) for j in range(3))
 
 

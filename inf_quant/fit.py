@@ -319,7 +319,8 @@ def _verify_need(config: dict, weights_bytes: int, max_pos: int, bits: int | Non
     if bits is None or config.get("model_type") not in LAYER_MAPS:
         return {}
     seqlen = min(VerifyConfig.seqlen, max_pos)
-    exp = expected_verify_peak(LAYER_MAPS[config["model_type"]], config, weights_bytes, 10**9, seqlen, 4, 2, True)
+    exp = expected_verify_peak(LAYER_MAPS[config["model_type"]], config, weights_bytes, 10**9, seqlen, 4, 2, True,
+                               on_host=False)
     return {"verify_seqlen": seqlen, "verify_bytes": exp.total + overhead_bytes(exp.total)}
 
 

@@ -106,10 +106,15 @@ class Checkpoint:
         return self._infos[name]
 
 
+def _read_header(f) -> tuple[int, dict]:
+    """(header length n, header) of an open safetensors file; its data starts at byte 8 + n."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    return n, json.loads(f.read(n))
+
+
 def safetensors_header(path: Path) -> dict:
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        return _read_header(f)[1]
 
 
 def read_safetensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -118,8 +123,7 @@ def read_safetensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     The header was checked when the checkpoint was opened (preflight.check_checkpoint)."""
     out = {}
     with open(path, "rb", buffering=0) as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        n, header = _read_header(f)
         for k in keys:
             h = header[k]
             begin, end = h["data_offsets"]

@@ -100,6 +100,14 @@ def _layer_params(lmap: LayerMap, d: dict) -> int:
     return sum(d[o] * d[k] for o, k in lmap.shapes.values()) + 4 * d["hidden"]
 
 
+def _forward_bytes(d: dict, heads: int, batch: int, seqlen: int, itemsize: int, flash_attention: bool) -> int:
+    """One forward chunk of `batch` windows: the MLP's 3 x FFN-wide activations, or the [B, H, T, T] attention
+    scores and probabilities where attention is not flash/memory-efficient, whichever is larger."""
+    mlp = 3 * batch * seqlen * d["ffn"]
+    attn = 0 if flash_attention else 2 * batch * heads * seqlen * seqlen
+    return max(mlp, attn) * itemsize
+
+
 def expected_quantize_peak(lmap: LayerMap, config: dict, samples: int, seqlen: int, batch: int,
                            itemsize: int, flash_attention: bool, awq_samples: int = 0,
                            on_host: bool = True) -> Expected:
@@ -122,8 +130,7 @@ def expected_quantize_peak(lmap: LayerMap, config: dict, samples: int, seqlen: i
     heads = int(config["num_attention_heads"])
     hidden = 2 * S * T * D * itemsize
     layer = _layer_params(lmap, d) * (itemsize + 2)
-    mlp = 3 * batch * T * d["ffn"] * itemsize
-    attn = 0 if flash_attention else 2 * batch * heads * T * T * itemsize
+    forward = _forward_bytes(d, heads, batch, T, itemsize, flash_attention)
     solves = []
     for g in lmap.groups:
         n = sum(d[lmap.shapes[name][0]] for name in g.names)
@@ -133,17 +140,18 @@ def expected_quantize_peak(lmap: LayerMap, config: dict, samples: int, seqlen: i
     awq = awq_samples * T * (sum(d[lmap.shapes[g.names[0]][1]] for g in lmap.groups) * itemsize + D * 4)
     ahead = _layer_params(lmap, d) * 2 if on_host else 0
     return Expected({"hidden states": hidden, "layer": layer, "read-ahead": ahead,
-                     "forward/solve workspace": max(mlp, attn, max(solves), table, awq)})
+                     "forward/solve workspace": max(forward, max(solves), table, awq)})
 
 
 def expected_verify_peak(lmap: LayerMap, config: dict, quant_weight_bytes: int, windows: int, seqlen: int,
                          batch: int, itemsize: int, flash_attention: bool, baseline_gib: float = BASELINE_GIB,
-                         logit_chunk_bytes: int = LOGIT_CHUNK_BYTES) -> Expected:
+                         logit_chunk_bytes: int = LOGIT_CHUNK_BYTES, on_host: bool = True) -> Expected:
     """The device bytes `verify` holds at its peak, beyond the process' base: the larger of its two phases.
 
     baseline    one bf16-source layer + embedding, final norm and lm_head in the compute dtype + one pass of hidden
                 states [S', T, D] (S' = windows per pass for baseline_gib, at most `windows`) + a forward chunk
-                + one window's logits and log-probs [T, V] fp32
+                + one window's logits and log-probs [T, V] fp32; + the next layer as stored, read ahead
+                (load.LayerReader), where the compute device is the host (on_host)
     quantized   the quantized model (quant_weight_bytes, as loaded) + one window's forward (batch 1, no KV cache)
                 + 3 x a chunk of logits [C, V] fp32 (logit_chunk_bytes)
     Neither grows with the number of eval windows beyond `windows per pass`; the per-position results (a few
@@ -155,12 +163,11 @@ def expected_verify_peak(lmap: LayerMap, config: dict, quant_weight_bytes: int, 
     per = min(windows, windows_per_pass(T, D, itemsize, baseline_gib))
     heads_io = (1 if config.get("tie_word_embeddings") else 2) * V * D * itemsize
 
-    def forward(b):
-        return max(3 * b * T * d["ffn"], 0 if flash_attention else 2 * b * heads * T * T) * itemsize
-
-    base = (_layer_params(lmap, d) * (itemsize + 2) + heads_io + per * T * D * itemsize + forward(batch)
-            + 2 * T * V * 4)
-    quant = quant_weight_bytes + T * D * itemsize * 4 + forward(1) + 3 * min(logit_chunk_bytes, T * V * 4)
+    base = (_layer_params(lmap, d) * (itemsize + 2) + heads_io + per * T * D * itemsize
+            + _forward_bytes(d, heads, batch, T, itemsize, flash_attention) + 2 * T * V * 4
+            + (_layer_params(lmap, d) * 2 if on_host else 0))
+    quant = (quant_weight_bytes + T * D * itemsize * 4 + _forward_bytes(d, heads, 1, T, itemsize, flash_attention)
+             + 3 * min(logit_chunk_bytes, T * V * 4))
     return Expected({"baseline pass": base, "quantized model": quant}, phases=True)
 
 

@@ -284,7 +284,7 @@ def _own_peak(mem: PeakMemory, bckpt, qdir: Path, windows: torch.Tensor, cfg: Ve
 
     weights = checkpoint_bytes(qdir)[1]
     exp = expected_verify_peak(bckpt.layer_map, bckpt.config, weights, len(windows),
-                               windows.shape[1], 4, dtype.itemsize, True, cfg.baseline_gib)
+                               windows.shape[1], 4, dtype.itemsize, True, cfg.baseline_gib, on_host=not mem.cuda)
     # per phase, like for like with phases[...]["added_bytes"]: on CPU the scoring is measured above the loaded model
     per_phase = {"baseline": exp.terms["baseline pass"],
                  "scoring": exp.terms["quantized model"] - (0 if mem.cuda else weights)}

@@ -476,7 +476,7 @@ def test_folding_every_group_keeps_the_layer_output(model_type):
     block, hidden, rope, xs, kwargs = _captured(54, model_type)
     expected = run_block(block, hidden, rope)
     for group, x, kw in zip(LAYER_MAPS["llama"].groups, xs, kwargs):
-        _, res = block_mod._fold(block, group, "", x, kw, FULL, 2, 8, notes := [])
+        _, res = block_mod._fold_(block, group, "", x, kw, FULL, 2, 8, notes := [])
         assert res is not None and not notes and not torch.equal(res.scales, torch.ones_like(res.scales))
     _assert_fold_close(run_block(block, hidden, rope), expected)
 
@@ -524,6 +524,6 @@ def test_bf16_captures_are_the_exact_inputs_and_the_fold_divides_them_in_place()
     assert all(x.dtype == torch.bfloat16 for x in xs)
     assert torch.equal(xs[0], block.input_layernorm(hidden))
     before = xs[0].clone()
-    out, res = block_mod._fold(block, groups[0], "", xs[0], kwargs[0], FULL, 2, 8, [])
+    out, res = block_mod._fold_(block, groups[0], "", xs[0], kwargs[0], FULL, 2, 8, [])
     assert out is xs[0] and out.dtype == torch.bfloat16
     assert torch.equal(out, (before.float() / res.scales).to(torch.bfloat16))

@@ -334,13 +334,13 @@ def test_the_graphable_block_loop_equals_the_column_loop(order, sym, clip_steps)
     """_solve_graphed without capture (the blocks CUDA graphs would replay, run eagerly) gives _solve's codes,
     qparams and per-row loss, where each block is one group (G == block size, qparams at the group's start)."""
     gptq, cfg, W, hinv, col_group = _graph_inputs(order, sym, clip_steps=clip_steps)
-    assert gptq.graphable(*W.shape, 64, cfg)
+    assert gptq.graphable(W.shape[1], 64, cfg)
     want = gptq._solve(W.clone(), hinv, 64, cfg, col_group, None)
     got = gptq._solve_graphed(W.clone(), hinv, 64, cfg, col_group, capture=False)
     for a, b, what in zip(got[:3], want[:3], ("codes", "scale", "zero")):
         assert torch.equal(a, b), what
     assert_close(got[3], want[3], atol=0.0, rtol=1e-6, what="loss per row")   # summed per block, then added
-    assert not gptq.graphable(48, 256, 32, cfg) and not gptq.graphable(48, 256, 64, GPTQConfig(
+    assert not gptq.graphable(256, 32, cfg) and not gptq.graphable(256, 64, GPTQConfig(
         group_size=64, block_size=64, order=Order.ACT))
 
 
@@ -348,7 +348,7 @@ def test_the_graphable_block_loop_equals_the_column_loop(order, sym, clip_steps)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("order", [Order.NATURAL, Order.GROUP_AWARE])
 def test_cuda_graph_columns_equal_the_eager_cuda_loop(order):
-    """The opt-in INF_QUANT_CUDA_GRAPH_COLUMNS path: one captured block replayed per block gives the eager CUDA
+    """The opt-in graph-columns path (run.unproven_cuda): one captured block replayed per block gives the eager CUDA
     loop's codes exactly. Never run on this project's CPU machines; the first GPU run decides whether it may be
     switched on."""
     gptq, cfg, W, hinv, col_group = _graph_inputs(order, True, k=512, n=256)
@@ -362,7 +362,7 @@ def test_cuda_graph_columns_equal_the_eager_cuda_loop(order):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_hessian_gemm_equals_the_fp32_one():
-    """The opt-in INF_QUANT_CUDA_BF16_HESSIAN path: bf16 x bf16 products are exact in fp32, so the Hessian differs
+    """The opt-in bf16-hessian path (run.unproven_cuda): bf16 x bf16 products are exact in fp32, so the Hessian differs
     from the fp32 GEMM's only by summation order. Never run on this project's CPU machines."""
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(4096, 512, generator=g) * torch.rand(512, generator=g).add(0.1)).to(torch.bfloat16).cuda()

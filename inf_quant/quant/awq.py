@@ -178,9 +178,7 @@ def _output_sq_error(x: Tensor, delta: Tensor) -> float:
     err = 0.0
     d = delta if x.dtype == torch.float32 else delta.to(x.dtype)
     for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
-        xc = x[start:start + _ROWS_PER_CHUNK]
-        xc = xc if xc.dtype == d.dtype else xc.to(torch.float32)
-        err += float((xc @ d.T).float().pow(2).sum())
+        err += float((x[start:start + _ROWS_PER_CHUNK] @ d.T).float().pow(2).sum())
     return err
 
 

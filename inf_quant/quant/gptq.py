@@ -27,6 +27,11 @@ SUB = 16  # columns per run inside a block of the column loop (_solve)
 HESSIAN_BLOCKS = 8  # column blocks of the lower-triangle Hessian update (hessian_add_)
 
 
+def _hessian_block(k: int) -> int:
+    """Columns per block of hessian_add_ / hessian_finish_: K / HESSIAN_BLOCKS, at least 64."""
+    return max(64, -(-k // HESSIAN_BLOCKS))
+
+
 def hessian_add_(acc: Tensor, x: Tensor, bf16_gemm: bool = False) -> int:
     """Fold a batch of layer inputs into a running Hessian sum, in place: acc += X^T X on its lower triangle.
 
@@ -35,7 +40,7 @@ def hessian_add_(acc: Tensor, x: Tensor, bf16_gemm: bool = False) -> int:
     x: [M, K] float    layer inputs (leading dims are flattened: [S, T, K] works too); not modified
     bf16_gemm: on CUDA with bf16 x, multiply in bf16 with fp32 accumulation (torch.mm out_dtype): the products
                of bf16 values are exact in fp32, so only the summation order differs from the fp32 GEMM.
-               Opt-in (INF_QUANT_CUDA_BF16_HESSIAN=1) until a GPU run has compared it.
+               Opt-in (run.unproven_cuda: bf16-hessian) until a GPU run has compared it.
     returns M, the rows folded in
     The update runs in HESSIAN_BLOCKS column blocks, acc[j0:, j0:j1] += X[:, j0:]^T X[:, j0:j1]: about half the
     FLOPs of the full product and no new [K, K] (the temporaries are one block: [K, K / HESSIAN_BLOCKS]).
@@ -47,7 +52,7 @@ def hessian_add_(acc: Tensor, x: Tensor, bf16_gemm: bool = False) -> int:
                           f"start from torch.zeros(K, K) fp32")
     low = bf16_gemm and x.is_cuda and x.dtype == torch.bfloat16
     x = x.to(acc.device) if low else x.to(device=acc.device, dtype=torch.float32)
-    b = max(64, -(-k // HESSIAN_BLOCKS))
+    b = _hessian_block(k)
     for j0 in range(0, k, b):
         j1 = min(k, j0 + b)
         if low:
@@ -62,7 +67,8 @@ def hessian_finish_(acc: Tensor, n: int) -> Tensor:
     mirrored to the upper one (H is exactly symmetric) and scaled once. acc: [K, K] fp32; returns acc."""
     if n <= 0:
         raise ConfigError("hessian_finish_: no rows were folded in (n=0); the calibration set reached no input")
-    k, b = acc.shape[0], max(64, -(-acc.shape[0] // HESSIAN_BLOCKS))
+    k = acc.shape[0]
+    b = _hessian_block(k)
     for j0 in range(0, k, b):
         j1 = min(k, j0 + b)
         acc[j0:j1, j1:] = acc[j1:, j0:j1].T
@@ -153,6 +159,24 @@ def _current_group(W: Tensor, W1: Tensor, Err1: Tensor, Hinv: Tensor, i1: int, i
     return torch.cat([inside, outside], dim=1)
 
 
+def _column_(W1: Tensor, Err1: Tensor, Hinv1: Tensor, loss: Tensor, i: int, e: int, sc: Tensor, zf: Tensor,
+             d, maxq: int) -> Tensor:
+    """Quantize column i of a block and spread its error over the rest of its run (columns i+1..e-1), in place.
+
+    W1, Err1: [N, B] fp32 the block's weights and scaled errors; Hinv1: [B, B] fp32; loss: [N] fp32 (+= the
+    column's loss); sc, zf: [N] fp32 the column's group's scale and zero point; d: Hinv1[i, i] (a float, or a
+    0-d tensor where no host synchronisation is allowed). Returns the column's codes [N] uint8.
+    """
+    w = W1[:, i]
+    qf = torch.round(w / sc).add_(zf).clamp_(0, maxq)       # grid.quantize, kept in fp32
+    err = (w - sc * (qf - zf)).div_(d)                      # (w - grid.dequantize) / d, [N]
+    loss.addcmul_(err, err, value=0.5)                      # (w - q)^2 / d^2 / 2
+    Err1[:, i] = err
+    if i + 1 < e:
+        W1[:, i + 1:e] -= err.unsqueeze(1) * Hinv1[i, i + 1:e].unsqueeze(0)
+    return qf.to(torch.uint8)
+
+
 def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int],
            static: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The blocked GPTQ column loop (Alg. 1 with lazy batch updates) over columns in solve order.
@@ -202,14 +226,7 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int
                 scale[:, g], zero[:, g] = _group_qparams(_current_group(W, W1, Err1, Hinv, i1, i, G), cfg)
             if g != g_cur:
                 sc, zf, g_cur = scale[:, g], zero[:, g].to(torch.float32), g
-            w = W1[:, i]
-            qf = torch.round(w / sc).add_(zf).clamp_(0, maxq)       # grid.quantize, kept in fp32
-            codes[:, j] = qf.to(torch.uint8)
-            err = (w - sc * (qf - zf)).div_(d1[i])                  # (w - grid.dequantize) / d, [N]
-            loss.addcmul_(err, err, value=0.5)                      # (w - q)^2 / d^2 / 2
-            Err1[:, i] = err
-            if i + 1 < e:
-                W1[:, i + 1:e] -= err.unsqueeze(1) * Hinv1[i, i + 1:e].unsqueeze(0)
+            codes[:, j] = _column_(W1, Err1, Hinv1, loss, i, e, sc, zf, d1[i], maxq)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]         # lazy batch update of all later columns
     return codes, scale, zero, loss
 
@@ -238,18 +255,11 @@ def _aligned_block(W1: Tensor, Hinv1: Tensor, cfg: GPTQConfig) -> tuple[Tensor, 
             W1[:, i:] -= Err1[:, s1:i] @ Hinv1[s1:i, i:]
             s1 = i
         e = min((i // SUB + 1) * SUB, B)
-        w = W1[:, i]
-        qf = torch.round(w / sc).add_(zf).clamp_(0, maxq)
-        codes[:, i] = qf.to(torch.uint8)
-        err = (w - sc * (qf - zf)).div_(d1[i])
-        loss.addcmul_(err, err, value=0.5)
-        Err1[:, i] = err
-        if i + 1 < e:
-            W1[:, i + 1:e] -= err.unsqueeze(1) * Hinv1[i, i + 1:e].unsqueeze(0)
+        codes[:, i] = _column_(W1, Err1, Hinv1, loss, i, e, sc, zf, d1[i], maxq)
     return codes, Err1, sc, zero, loss
 
 
-def graphable(N: int, K: int, G: int, cfg: GPTQConfig) -> bool:
+def graphable(K: int, G: int, cfg: GPTQConfig) -> bool:
     """Whether _solve_graphed applies: every block is one whole group with its qparams fixed at its start."""
     return G == cfg.block_size and K % G == 0 and not cfg.static_groups and cfg.order is not Order.ACT
 
@@ -257,7 +267,7 @@ def graphable(N: int, K: int, G: int, cfg: GPTQConfig) -> bool:
 def _solve_graphed(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int], capture: bool = True):
     """_solve's result (graphable cases) with each block computed by _aligned_block; capture (CUDA): the block is
     captured once as a CUDA graph on static buffers and replayed for every block, one launch instead of ~23 ops
-    per column. Opt-in (INF_QUANT_CUDA_GRAPH_COLUMNS=1) until a GPU run has compared its codes with the eager
+    per column. Opt-in (run.unproven_cuda: graph-columns) until a GPU run has compared its codes with the eager
     path's; capture=False runs the same blocks eagerly (what the CPU tests compare with _solve).
     W: [N, K] fp32 in solve order, modified in place; Hinv: [K, K] fp32; col_group as for _solve (block b holds
     group col_group[b * B]). Returns (codes, scale, zero, loss)."""
@@ -267,24 +277,7 @@ def _solve_graphed(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: 
     scale = torch.empty(N, K // G, dtype=torch.float32, device=W.device)
     zero = torch.empty(N, K // G, dtype=torch.int32, device=W.device)
     loss = torch.zeros(N, dtype=torch.float32, device=W.device)
-    step = lambda w1, h1: _aligned_block(w1, h1, cfg)  # noqa: E731
-    if capture:
-        w_in = torch.zeros(N, B, dtype=torch.float32, device=W.device)
-        h_in = torch.eye(B, dtype=torch.float32, device=W.device)
-        side = torch.cuda.Stream(W.device)
-        side.wait_stream(torch.cuda.current_stream(W.device))
-        with torch.cuda.stream(side):             # warm-up off the capture (allocations, kernel selection)
-            _aligned_block(w_in, h_in, cfg)
-        torch.cuda.current_stream(W.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = _aligned_block(w_in, h_in, cfg)
-
-        def step(w1, h1):  # noqa: F811
-            w_in.copy_(w1)
-            h_in.copy_(h1)
-            graph.replay()
-            return out
+    step = _captured_block(N, B, cfg, W.device) if capture else (lambda w1, h1: _aligned_block(w1, h1, cfg))
     for i1 in range(0, K, B):
         i2, g = i1 + B, col_group[i1]
         c1, e1, sc, zr, l1 = step(W[:, i1:i2], Hinv[i1:i2, i1:i2])
@@ -292,6 +285,29 @@ def _solve_graphed(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: 
         loss += l1
         W[:, i2:] -= e1 @ Hinv[i1:i2, i2:]
     return codes, scale, zero, loss
+
+
+def _captured_block(N: int, B: int, cfg: GPTQConfig, device: torch.device):
+    """_aligned_block captured once as a CUDA graph on static [N, B] / [B, B] buffers: a callable (W1, Hinv1) ->
+    its outputs (the graph's own buffers, overwritten by the next call), each call a copy in and one replay."""
+    w_in = torch.zeros(N, B, dtype=torch.float32, device=device)
+    h_in = torch.eye(B, dtype=torch.float32, device=device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):             # warm-up off the capture (allocations, kernel selection)
+        _aligned_block(w_in, h_in, cfg)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _aligned_block(w_in, h_in, cfg)
+
+    def step(w1: Tensor, h1: Tensor):
+        w_in.copy_(w1)
+        h_in.copy_(h1)
+        graph.replay()
+        return out
+
+    return step
 
 
 @torch.no_grad()
@@ -311,7 +327,7 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear",
     stacked along N and split with QuantizedWeight.split_rows: the same codes as solving each alone (tested).
     Returns codes in original column order, scale/zero [N, K // G], proxy_loss (and per row) and the damp used.
     cuda_graphs: on CUDA, where `graphable`, each 128-column block is one replayed CUDA graph (_solve_graphed);
-    unproven, so off unless INF_QUANT_CUDA_GRAPH_COLUMNS=1 (gptq_block).
+    unproven, so off unless the recipe asks for it (run.unproven_cuda: graph-columns; gptq_block).
     """
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ConfigError(f"{name}: GPTQ needs w [N, K] and h [K, K], "
@@ -336,7 +352,7 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear",
         W, H = W[:, perm], H[perm.unsqueeze(1), perm]             # one gather: a single new [K, K]
     Hinv, damp = _damped_hinv_(H, cfg, name)
     del H
-    if cuda_graphs and W.is_cuda and graphable(N, K, G, cfg):
+    if cuda_graphs and W.is_cuda and graphable(K, G, cfg):
         codes, scale, zero, loss = _solve_graphed(W, Hinv, G, cfg, col_group)
     else:
         codes, scale, zero, loss = _solve(W, Hinv, G, cfg, col_group, static)
