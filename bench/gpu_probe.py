@@ -13,8 +13,8 @@ columns, setup, pack, write, awq; synchronized on CUDA), the expected peak and t
 With --verify-seqlen N (e.g. 4096), `inf-quant verify` then runs on the GPTQ output at N-token windows (8 windows
 of the bundled calibration text; the metrics mean nothing on random weights) and one more JSON line gives verify's
 own peak per phase, measured (CUDA allocated) and expected (memory.expected_verify_peak), and the expectation for
-the 48-layer model at the same shapes. The opt-in CUDA paths are switched on by their environment variables
-(INF_QUANT_CUDA_GRAPH_COLUMNS=1, INF_QUANT_CUDA_BF16_HESSIAN=1); each JSON line says which were on.
+the 48-layer model at the same shapes. --unproven-cuda graph-columns bf16-hessian switches on the opt-in CUDA paths
+(run.unproven_cuda); each JSON line says which were on.
 
 Prints one JSON line per method; record the numbers in bench/RESULTS.md with the machine and date.
 """
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inf_quant.config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Method, ModelConfig,  # noqa: E402
-                              OutputConfig, Recipe, RunConfig)
+from inf_quant.config import (AWQConfig, CalibConfig, CudaPath, Device, DType, GPTQConfig, Method,  # noqa: E402
+                              ModelConfig, OutputConfig, Recipe, RunConfig)
 from inf_quant.models.configuration_inflm import INFLMConfig  # noqa: E402
 from inf_quant.paths import DEFAULT_MODEL  # noqa: E402
 from inf_quant.pipeline import quantize  # noqa: E402
@@ -88,7 +88,8 @@ def run(model: Path, out: Path, method: Method, a, spent: dict) -> dict:
     recipe = Recipe(method=method, model=ModelConfig(path=str(model)),
                     calibration=CalibConfig(samples=a.samples, seqlen=seqlen),
                     gptq=GPTQConfig(bits=4, group_size=128), awq=AWQConfig(group_size=128),
-                    run=RunConfig(device=Device(a.device), dtype=DType.AUTO, forward_batch=a.forward_batch),
+                    run=RunConfig(device=Device(a.device), dtype=DType.AUTO, forward_batch=a.forward_batch,
+                                  unproven_cuda=tuple(map(CudaPath, a.unproven_cuda))),
                     output=OutputConfig(dir=str(out / method.value), force=True))
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -124,19 +125,16 @@ def main() -> None:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--methods", nargs="+", default=["gptq", "awq"])
     ap.add_argument("--verify-seqlen", type=int, default=0, help="then verify the GPTQ output at this window length")
+    ap.add_argument("--unproven-cuda", nargs="+", default=[], choices=[c.value for c in CudaPath],
+                    help="opt-in CUDA paths (run.unproven_cuda)")
     a = ap.parse_args()
     model = build(a.out / "model", a)
     spent = install(sync=a.device == "cuda", sample_rss=False)[0]
     for m in a.methods:
-        print(json.dumps({**run(model, a.out, Method(m), a, spent), "opt_in": opt_ins()}), flush=True)
+        print(json.dumps({**run(model, a.out, Method(m), a, spent), "unproven_cuda": sorted(a.unproven_cuda)}),
+              flush=True)
     if a.verify_seqlen and "gptq" in a.methods:
         print(json.dumps(verify_peak(model, a.out / "gptq", a)), flush=True)
-
-
-def opt_ins() -> dict:
-    from inf_quant.device import OPT_IN, opt_in
-
-    return {name: opt_in(name) for name in OPT_IN}
 
 
 def verify_peak(model: Path, quant: Path, a) -> dict:
@@ -156,7 +154,7 @@ def verify_peak(model: Path, quant: Path, a) -> dict:
     heads = 2 * 8192 * a.hidden * 2                          # the probe's fp16 embedding + lm_head (8192 vocab)
     weights_48 = (checkpoint_bytes(quant)[1] - heads) / a.layers * 48 + 2 * 96512 * a.hidden * 2
     exp48 = expected_verify_peak(layer_map_for("inflm"), {**cfg, "num_hidden_layers": 48, "vocab_size": 96512},
-                                 int(weights_48), 8, a.verify_seqlen, 4, 2, True)
+                                 int(weights_48), 8, a.verify_seqlen, 4, 2, True, on_host=a.device == "cpu")
     gib = lambda n: round(n / 2**30, 2)  # noqa: E731
     return {"verify_seqlen": a.verify_seqlen, "windows": own["windows"], "seconds": round(time.monotonic() - t0, 1),
             "measured_gib": {k: gib(v["peak_bytes"]) for k, v in own["phases"].items()},

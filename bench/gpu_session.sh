@@ -23,9 +23,9 @@ cd "$(dirname "$0")/.."
   echo "== 2. probe, eager (GPTQ, AWQ, verify at 4096)"
   timeout 330 $PY bench/gpu_probe.py --out /tmp/probe --verify-seqlen 4096 2>&1 | grep -v '^\s*$' | tail -20
   if [ "$gpu_tests" = 0 ]; then
-    echo "== 3. probe, GPTQ with INF_QUANT_CUDA_GRAPH_COLUMNS=1 INF_QUANT_CUDA_BF16_HESSIAN=1"
-    INF_QUANT_CUDA_GRAPH_COLUMNS=1 INF_QUANT_CUDA_BF16_HESSIAN=1 timeout 150 \
-      $PY bench/gpu_probe.py --out /tmp/probe-optin --methods gptq 2>&1 | grep -v '^\s*$' | tail -8
+    echo "== 3. probe, GPTQ with --unproven-cuda graph-columns bf16-hessian"
+    timeout 150 $PY bench/gpu_probe.py --out /tmp/probe-optin --methods gptq \
+      --unproven-cuda graph-columns bf16-hessian 2>&1 | grep -v '^\s*$' | tail -8
   else
     echo "== 3. skipped: the CUDA-only tests failed (rc $gpu_tests)"
   fi

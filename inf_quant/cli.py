@@ -40,6 +40,9 @@ def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
                    help="forward compute dtype (default auto: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--forward-batch", type=int, help="calibration samples per forward chunk (default 4)")
+    p.add_argument("--unproven-cuda", nargs="+", choices=["bf16-hessian", "graph-columns"], metavar="PATH",
+                   help="switch on CUDA-only paths no GPU run has proven yet (bf16-hessian, graph-columns); "
+                        "recorded in the output's recipe; default: none")
     p.add_argument("--skip", nargs="+", metavar="MODULE",
                    help="linears left in bf16: 'mlp.down_proj' (every layer) or, awq only, "
                         "'model.layers.0.mlp.down_proj'")
@@ -156,7 +159,7 @@ def _given(**kw) -> dict:
 
 
 def recipe_from_args(args: argparse.Namespace):
-    from .config import (AWQConfig, CalibConfig, Device, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
+    from .config import (AWQConfig, CalibConfig, CudaPath, Device, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
                          OutputConfig, Recipe, RunConfig, WeightSolve, parse_device)
 
     method = Method(args.command)
@@ -175,7 +178,8 @@ def recipe_from_args(args: argparse.Namespace):
         awq=AWQConfig(**q) if method is Method.AWQ else AWQConfig(),
         run=RunConfig(**_given(device=parse_device(args.device)[0] if args.device else None,
                              gpu=parse_device(args.device)[1] if args.device else None,
-                             dtype=DType(args.dtype) if args.dtype else None, forward_batch=args.forward_batch)),
+                             dtype=DType(args.dtype) if args.dtype else None, forward_batch=args.forward_batch,
+                             unproven_cuda=tuple(map(CudaPath, args.unproven_cuda)) if args.unproven_cuda else None)),
         skip=tuple(args.skip or ()),
         output=OutputConfig(**_given(dir=args.out, shard_gb=args.shard_gb,
                                      serve_as=Layout(args.serve_as) if args.serve_as else None),

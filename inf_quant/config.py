@@ -141,6 +141,13 @@ def parse_device(text: str) -> tuple[Device, int]:
     return dev, int(index or 0)
 
 
+class CudaPath(Enum):
+    """CUDA-only paths that no GPU run of this project has compared with the eager path yet: off unless the recipe
+    names them (run.unproven_cuda, --unproven-cuda); a CPU run refuses them."""
+    BF16_HESSIAN = "bf16-hessian"    # Hessian GEMMs on bf16 activations with fp32 accumulation (torch.mm out_dtype)
+    GRAPH_COLUMNS = "graph-columns"  # each 128-column block of the GPTQ column loop replayed as one CUDA graph
+
+
 class DType(Enum):
     AUTO = "auto"  # bfloat16 on CUDA; float32 on CPU (exact upcast of bf16 weights; CPUs without bf16 units run it 6x faster)
     BF16 = "bfloat16"
@@ -176,10 +183,13 @@ class RunConfig:
     gpu: int = 0               # CUDA device index (--device cuda:N)
     dtype: DType = DType.AUTO  # forward-pass compute dtype; Hessians and solves are always fp32
     forward_batch: int = 4     # calibration samples per forward chunk
+    unproven_cuda: tuple[CudaPath, ...] = ()  # opt-in CUDA paths not yet proven on a GPU (CudaPath)
 
     def __post_init__(self):
         if self.forward_batch < 1:
             raise ConfigError(f"run.forward_batch must be >= 1, got {self.forward_batch}")
+        # one spelling per set of paths: the recipe (and a resume's fingerprint) does not depend on their order
+        object.__setattr__(self, "unproven_cuda", tuple(sorted(set(self.unproven_cuda), key=lambda c: c.value)))
 
 
 @dataclass(frozen=True)
@@ -201,7 +211,7 @@ def to_dict(obj) -> dict:
     for f in fields(obj):
         v = getattr(obj, f.name)
         out[f.name] = (to_dict(v) if is_dataclass(v) else v.value if isinstance(v, Enum) else
-                       list(v) if isinstance(v, tuple) else v)
+                       [x.value if isinstance(x, Enum) else x for x in v] if isinstance(v, tuple) else v)
     return out
 
 
@@ -299,7 +309,9 @@ def _coerce(t, v, where: str):
     if typing.get_origin(t) is tuple:
         if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
             raise ConfigError(f"{where}: expected a list of strings, got {v!r}")
-        return tuple(v)
+        item = typing.get_args(t)[0]
+        return tuple(_coerce(item, x, where) for x in v) if isinstance(item, type) and issubclass(item, Enum) \
+            else tuple(v)
     ok = {bool: lambda x: isinstance(x, bool), int: lambda x: isinstance(x, int) and not isinstance(x, bool),
           float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), str: lambda x: isinstance(x, str)}
     if t in ok and not ok[t](v):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .config import Device, DType
@@ -27,17 +25,3 @@ def resolve_device(dev: Device, dtype: DType = DType.AUTO, gpu: int = 0) -> tupl
     if dtype is DType.AUTO:
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, getattr(torch, dtype.value)
-
-
-# CUDA-only paths that no GPU run of this project has compared with the eager path yet: off unless asked for.
-OPT_IN = ("INF_QUANT_CUDA_BF16_HESSIAN", "INF_QUANT_CUDA_GRAPH_COLUMNS")
-
-
-def opt_in(name: str) -> bool:
-    """Whether the unproven path `name` (one of OPT_IN) was switched on with name=1 in the environment."""
-    if name not in OPT_IN:
-        raise ConfigError(f"unknown opt-in {name}; known: {', '.join(OPT_IN)}")
-    v = os.environ.get(name, "0")
-    if v not in ("0", "1"):
-        raise ConfigError(f"{name}={v!r}: set it to 1 (on) or 0 (off)")
-    return v == "1"

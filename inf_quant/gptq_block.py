@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import Method
+from .config import CudaPath, Method
 from .forward import capture_inputs, run_half, run_half_all
 from .qformat import from_tensors, to_tensors
-from .device import opt_in
 from .quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
 
 
@@ -36,7 +35,8 @@ def gptq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple,
     tensors, losses, notes = {}, {}, []
     lmap, cfg, batch = ctx.lmap, cfg or ctx.recipe.gptq, ctx.recipe.run.forward_batch
     prefix = lmap.block_prefix(i)
-    bf16_gemm, graphs = opt_in("INF_QUANT_CUDA_BF16_HESSIAN"), opt_in("INF_QUANT_CUDA_GRAPH_COLUMNS")
+    unproven = ctx.recipe.run.unproven_cuda
+    bf16_gemm, graphs = CudaPath.BF16_HESSIAN in unproven, CudaPath.GRAPH_COLUMNS in unproven
     x, done, kept = hidden, 0, None   # x: the current half's input; kept: a half's output buffer, filled
     for gi, group in enumerate(lmap.groups):
         k = _half_of(lmap, group)

@@ -81,6 +81,9 @@ def prepare(recipe: Recipe) -> Context:
     config = hf_config(ckpt, recipe.model.trust_remote_code)
     check_layout(ckpt.config, recipe.output.serve_as, str(model_dir))
     device, dtype = resolve_device(recipe.run.device, recipe.run.dtype, recipe.run.gpu)
+    if recipe.run.unproven_cuda and device.type != "cuda":
+        raise ConfigError(f"--unproven-cuda {' '.join(p.value for p in recipe.run.unproven_cuda)} names CUDA-only "
+                          f"paths but this run is on {device.type}; drop it or use --device cuda")
     max_pos = int(getattr(config, "max_position_embeddings", 2048))
     seqlen = recipe.calibration.seqlen or min(2048, max_pos)
     calib_files = calibration_files(recipe.calibration.source)

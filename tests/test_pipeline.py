@@ -142,6 +142,17 @@ def _recipe(model, out, method="gptq", resume=False, **kw) -> Recipe:
                   awq=AWQConfig(group_size=32), output=OutputConfig(dir=str(out), resume=resume))
 
 
+def test_unproven_cuda_paths_are_recipe_fields_in_one_spelling():
+    """The opt-in CUDA paths are chosen in the recipe (recorded in the output and the resume fingerprint), never by
+    the environment; their order does not change the recipe."""
+    from inf_quant.config import CudaPath, RunConfig, from_dict, to_dict
+
+    a = RunConfig(unproven_cuda=(CudaPath.GRAPH_COLUMNS, CudaPath.BF16_HESSIAN))
+    b = from_dict(RunConfig, {"unproven_cuda": ["bf16-hessian", "graph-columns", "bf16-hessian"]}, "run")
+    assert a == b and to_dict(a)["unproven_cuda"] == ["bf16-hessian", "graph-columns"]
+    assert to_dict(RunConfig())["unproven_cuda"] == []
+
+
 @pytest.mark.parametrize("method, kw", [("gptq", {"order": Order.ACT}), ("awq", {})])
 def test_two_runs_are_byte_identical(tmp_path, inflm_ckpt, method, kw):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -242,6 +253,7 @@ def test_existing_output_is_never_overwritten_without_force(tmp_path, inflm_ckpt
     (("--seqlen", "100000"), "exceeds the model's max_position_embeddings=512"),
     (("--group-size", "48"), "model.layers.0.self_attn.q_proj: in_features=64 is not divisible by group_size=48"),
     (("--calib", "/nonexistent.jsonl"), "no such file"),
+    (("--device", "cpu", "--unproven-cuda", "graph-columns"), "names CUDA-only paths but this run is on cpu"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, inflm_ckpt, capsys, args, message):
     base = ["--model", str(inflm_ckpt), "--out", str(tmp_path / "o"), "--samples", "4", "-q"]
