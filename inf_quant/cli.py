@@ -124,8 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("model", help="checkpoint directory (bf16, GPTQ or AWQ); only headers are read")
     f.add_argument("--vram-gib", type=float, default=24.0, help="GPU memory budget in GiB (default 24)")
     f.add_argument("--context", type=int, help="tokens of context (default: max_position_embeddings)")
-    f.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    f.add_argument("--kv-dtype", choices=["fp16", "bf16", "fp8"], default="fp16", help="KV cache dtype")
+    f.add_argument("--engine", choices=["vllm", "transformers"], default="vllm",
+                   help="vllm (default): vLLM 0.32's accounting, chunked prefill, KV in 16-token blocks, the "
+                        "largest --max-model-len and a ready `vllm serve` command; transformers: generate() with "
+                        "one-shot prefill")
+    f.add_argument("--kv-dtype", choices=["auto", "fp16", "bf16", "fp8"],
+                   help="KV cache dtype (default: vllm auto = the model's bf16; transformers fp16)")
+    f.add_argument("--batch", type=int, default=1, help="transformers: sequences decoded together (default 1)")
+    f.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: fraction of the card (0.9)")
+    f.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="vllm: prefill chunk, the profile run's size (2048: the OpenAI server's default here)")
+    f.add_argument("--max-num-seqs", type=int, default=256, help="vllm: concurrent sequences (256)")
+    f.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs (frees their pool)")
+    f.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs the model is split over (1)")
     f.add_argument("--json", action="store_true", help="print one JSON object")
     r = sub.add_parser("release", help="regenerate, verify and publish every release variant from recipes",
                        description="Exit 0: every variant passed and was published; 1: a gate failed (or --check "
@@ -140,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the manifest (or the --check result) as JSON")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _serve_as_arg(r)
-    x = sub.add_parser("export", help="rewrite an inflm checkpoint (bf16, GPTQ or AWQ) in the stablelm layout",
-                       description="Same tensors (hard links), config.json as model_type stablelm in INF's settings, "
-                                   "no remote code, fast tokenizer. Exit 0 on success, 2 on bad input.")
-    x.add_argument("--as", dest="layout", required=True, choices=["stablelm"], help="target layout")
+    x = sub.add_parser("export", help="rewrite an inflm checkpoint (bf16, GPTQ or AWQ) in a serving layout",
+                       description="Same tensors (hard links) and INF's exact fast tokenizer (tokenizer.json). "
+                                   "stablelm: config.json as model_type stablelm in INF's settings, no remote code; "
+                                   "inflm: INF's own layout, e.g. the original bf16 checkpoint made servable in vLLM. "
+                                   "Exit 0 on success, 2 on bad input.")
+    x.add_argument("--as", dest="layout", required=True, choices=["stablelm", "inflm"], help="target layout")
     x.add_argument("src", help="the inflm checkpoint directory")
     x.add_argument("out", help="the new directory")
     x.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -256,10 +269,32 @@ def _verify(args) -> int:
 
 
 def _fit(args) -> int:
-    from .fit import fit_checkpoint
+    from .errors import ConfigError
 
-    report = fit_checkpoint(args.model, args.vram_gib, args.context, args.batch, args.kv_dtype)
-    print(json.dumps(report.to_dict(), sort_keys=True) if args.json else report.to_text())
+    if args.engine == "transformers":
+        from .fit import fit_checkpoint
+
+        if args.kv_dtype == "auto":
+            raise ConfigError("--kv-dtype auto is vLLM's; with --engine transformers pass fp16, bf16 or fp8")
+        report = fit_checkpoint(args.model, args.vram_gib, args.context, args.batch, args.kv_dtype or "fp16")
+        print(json.dumps(report.to_dict(), sort_keys=True) if args.json else report.to_text())
+        return 0 if report.fits else 1
+    from .fit_vllm import VllmSettings, fit_checkpoint_vllm
+
+    if args.kv_dtype in ("fp16", "bf16"):
+        args.kv_dtype = "auto"  # vLLM's cache stores the model dtype (2 bytes) unless fp8
+    settings = VllmSettings(args.gpu_memory_utilization, args.kv_dtype or "auto", args.enforce_eager,
+                            args.max_num_batched_tokens, args.max_num_seqs, args.tensor_parallel_size)
+    report = fit_checkpoint_vllm(args.model, args.vram_gib, args.context, settings, suggest=False)
+    better = None if report.fits else fit_checkpoint_vllm(args.model, args.vram_gib, args.context, settings)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "fits_with": better.to_dict() if better and better.fits else None},
+                         sort_keys=True, default=str))
+    else:
+        print(report.to_text())
+        if better is not None:
+            print(f"fits with: {better.command()}" if better.fits else
+                  f"does not fit even with: {' '.join(better.settings.flags())}")
     return 0 if report.fits else 1
 
 
@@ -288,9 +323,10 @@ def _export(args) -> int:
 
     preflight.for_export(args.src, args.out, args.force)
 
-    from .export import export_stablelm
+    from .config import Layout
+    from .export import export_layout
 
-    report = export_stablelm(args.src, args.out, args.force)
+    report = export_layout(args.src, args.out, Layout(args.layout), args.force)
     print(json.dumps(report.summary(), sort_keys=True) if args.json else report.to_text())
     return 0
 

@@ -156,12 +156,14 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
     return False
 
 
-def export_stablelm(src: str | Path, out: str | Path, force: bool = False) -> ExportReport:
-    """Write src (an inflm checkpoint: bf16, GPTQ or AWQ) as the stablelm layout into out, atomically.
+def export_layout(src: str | Path, out: str | Path, layout: Layout, force: bool = False) -> ExportReport:
+    """Write src (an inflm checkpoint: bf16, GPTQ or AWQ) in `layout` into out, atomically.
 
     Tensors and every other file keep their bytes (hard links where possible); config.json, tokenizer_config.json
-    and tokenizer.json are rewritten; inf_quant.json records the layout; the modeling files and verify's reports
-    of src (which describe src's files) are not carried.
+    and tokenizer.json are rewritten; inf_quant.json records the layout; verify's reports of src (which describe
+    src's files) are not carried. stablelm drops the modeling files; inflm writes inf-quant's current ones, so
+    `--as inflm` of INF's original checkpoint is that checkpoint plus the exact fast tokenizer (tokenizer.json)
+    that serving engines need.
     """
     from .load import open_checkpoint
     from .output import replace_dir
@@ -170,9 +172,9 @@ def export_stablelm(src: str | Path, out: str | Path, force: bool = False) -> Ex
     src, out = Path(src), Path(out)
     ckpt = open_checkpoint(src)
     if ckpt.model_type != "inflm":
-        raise CheckpointError(f"{src}: export --as stablelm takes an inflm checkpoint; this one is model_type "
+        raise CheckpointError(f"{src}: export --as {layout.value} takes an inflm checkpoint; this one is model_type "
                               f"{ckpt.model_type!r}")
-    check_layout(ckpt.config, Layout.STABLELM, str(src))
+    check_layout(ckpt.config, layout, str(src))
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another output directory")
     if out.resolve() == src.resolve():
@@ -182,24 +184,33 @@ def export_stablelm(src: str | Path, out: str | Path, force: bool = False) -> Ex
     staging.mkdir(parents=True)
     skipped = []
     for p in sorted(q for q in src.iterdir() if q.is_file()):
+        if p.name in MODELING_FILES and layout is Layout.INFLM:
+            continue  # written afresh by apply_layout
         if p.name in MODELING_FILES or p.name in VERIFY_OUTPUTS:
             skipped.append(p.name)
         elif p.name == "tokenizer_config.json":
             shutil.copyfile(p, staging / p.name)  # rewritten by apply_layout
         elif p.name not in ("config.json", "inf_quant.json"):
             _link_or_copy(p, staging / p.name)  # tokenizer.json, if regenerated, is replaced, never written through
-    cfg = apply_layout({k: v for k, v in ckpt.config.items() if k != "auto_map"}, staging, Layout.STABLELM, str(src))
+    cfg = apply_layout({k: v for k, v in ckpt.config.items() if k != "auto_map"}, staging, layout, str(src))
     write_json(staging / "config.json", cfg)
     if (src / "inf_quant.json").is_file():
         record = json.loads((src / "inf_quant.json").read_text(encoding="utf-8"))
-        write_json(staging / "inf_quant.json", {**record, "layout": Layout.STABLELM.value, "exported_from": src.name})
+        write_json(staging / "inf_quant.json", {**record, "layout": layout.value, "exported_from": src.name})
     names = sorted(p.name for p in staging.iterdir())
     linked = [n for n in names if (src / n).is_file() and os.path.samefile(src / n, staging / n)]
     copied = [n for n in names if n not in linked]
     replace_dir(staging, out)
-    log.info("exported %s -> %s (stablelm): %d hard links, %d files written", src, out, len(linked), len(copied))
-    return ExportReport(out, Layout.STABLELM.value, tuple(linked), tuple(copied), tuple(skipped))
+    log.info("exported %s -> %s (%s): %d hard links, %d files written", src, out, layout.value, len(linked),
+             len(copied))
+    return ExportReport(out, layout.value, tuple(linked), tuple(copied), tuple(skipped))
 
 
-__all__ = ["export_stablelm", "apply_layout", "check_layout", "stablelm_config", "architecture", "is_inf_stablelm",
+def export_stablelm(src: str | Path, out: str | Path, force: bool = False) -> ExportReport:
+    """`export_layout` to the stablelm layout (no remote code)."""
+    return export_layout(src, out, Layout.STABLELM, force)
+
+
+__all__ = ["export_layout", "export_stablelm", "apply_layout", "check_layout", "stablelm_config", "architecture",
+           "is_inf_stablelm",
            "ExportReport", "STABLELM_SETTINGS"]

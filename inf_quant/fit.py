@@ -225,7 +225,7 @@ def _verdict(r: FitReport) -> str:
             f"activations and CUDA overhead) — use {bigger}{smaller}")
 
 
-def _quant_spec(config: dict) -> tuple[str, int | None]:
+def quant_spec(config: dict) -> tuple[str, int | None]:
     """(label, bits) from config.json's quantization_config; (stored dtype, None) when there is none."""
     qc = config.get("quantization_config")
     if qc is None:
@@ -291,7 +291,7 @@ def fit_from_shapes(config: dict, weights_bytes: int, vram_gib: float = 24.0, co
     dequant_bytes: fp16 bytes of the largest quantized Linear; None derives it from the config's shapes
     (0 when the config has no quantization_config). context None means max_position_embeddings.
     """
-    quant, bits = _quant_spec(config)
+    quant, bits = quant_spec(config)
     if dequant_bytes is None:
         dequant_bytes = 0 if bits is None else _largest_linear_from_config(config) * 2
     m = memory_model(config, weights_bytes, dequant_bytes, batch, kv_dtype)
@@ -324,28 +324,35 @@ def _verify_need(config: dict, weights_bytes: int, max_pos: int, bits: int | Non
     return {"verify_seqlen": seqlen, "verify_bytes": exp.total + overhead_bytes(exp.total)}
 
 
-def checkpoint_bytes(path: str | Path) -> tuple[dict, int, int]:
-    """(config, sum of all tensor bytes, fp16 bytes of the largest quantized Linear) from the headers alone.
-
-    The largest Linear's N * K comes from its qweight: 32 / bits codes per int32, in GPTQ's [K*bits/32, N]
-    and AWQ's [K, N*bits/32] layouts alike.
-    """
+def tensor_sizes(path: str | Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...]]]]:
+    """(config, name -> (stored bytes, shape)) of every tensor in a checkpoint, from the safetensors headers alone."""
     ckpt = open_checkpoint(path)
-    _, bits = _quant_spec(ckpt.config)
-    total = largest = 0
+    sizes = {}
     for name in sorted(ckpt.weight_map):
         try:
             info = ckpt.info(name)
         except KeyError as e:
             raise CheckpointError(f"{ckpt.path}: cannot size tensor {name!r} from the safetensors headers "
                                   f"({e} is missing from its shard or has an unsupported dtype)") from None
-        total += info.nbytes
-        if bits is not None and name.endswith(".qweight"):
-            largest = max(largest, math.prod(info.shape) * 32 // bits)
+        sizes[name] = (info.nbytes, tuple(info.shape))
+    return ckpt.config, sizes
+
+
+def checkpoint_bytes(path: str | Path) -> tuple[dict, int, int]:
+    """(config, sum of all tensor bytes, fp16 bytes of the largest quantized Linear) from the headers alone.
+
+    The largest Linear's N * K comes from its qweight: 32 / bits codes per int32, in GPTQ's [K*bits/32, N]
+    and AWQ's [K, N*bits/32] layouts alike.
+    """
+    config, sizes = tensor_sizes(path)
+    _, bits = quant_spec(config)
+    total = sum(n for n, _ in sizes.values())
+    largest = max((math.prod(shape) * 32 // bits for name, (_, shape) in sizes.items()
+                   if bits is not None and name.endswith(".qweight")), default=0)
     if bits is not None and largest == 0:
-        raise CheckpointError(f"{ckpt.path}: config.json has a quantization_config but no tensor ends in "
+        raise CheckpointError(f"{Path(path)}: config.json has a quantization_config but no tensor ends in "
                               "'.qweight'; the weights are not GPTQ/AWQ-packed, or the config is stale")
-    return ckpt.config, total, largest * 2
+    return config, total, largest * 2
 
 
 def fit_checkpoint(path: str | Path, vram_gib: float = 24.0, context: int | None = None, batch: int = 1,

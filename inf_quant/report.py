@@ -136,8 +136,11 @@ def _md_vram(vram: dict) -> str:
     largest = (f"{a['max_context']:,} tokens" if a["max_context"] > 0
                else "none (not even one token fits)")
     lines = [head, "", *rows, "",
-             f"**Verdict:** {'✅' if a['fits'] else '❌'} {a['verdict']}", "",
+             f"**Verdict (transformers generate(), one-shot prefill):** {'✅' if a['fits'] else '❌'} {a['verdict']}",
+             "",
              f"**Largest context that fits in {_gib(a['budget_bytes'])} GiB:** {largest}.", "",
+             *([f"**vLLM 0.32** (`inf-quant fit`'s default engine): {v['verdict']} — `{v['command']}`", ""]
+               if (v := vram.get("vllm")) else []),
              _md_measured(a, vram.get("measured")), "",
              f"![VRAM: analytic breakdown vs the {_gib(a['budget_bytes'])} GiB budget]({VRAM_PNG})"]
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from .device import resolve_device
 from .errors import CheckpointError, ConfigError
 from .export import architecture
 from .fit import fit_checkpoint
+from .fit_vllm import VllmSettings, fit_checkpoint_vllm
 from .load import open_checkpoint
 from .memory import LOGIT_CHUNK_BYTES, PeakMemory, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement
@@ -57,7 +58,9 @@ class VerifyReport:
         failed = [g for g in self.data["gates"] if not g["passed"]]
         for g in failed:
             lines.append(f"gate failed: {g['name']} [{g['domain']}] value {g['value']:.4g}, threshold {g['threshold']:g}")
-        lines.append(self.data["vram"]["analytic"]["verdict"])
+        lines.append("transformers generate() (one-shot prefill): " + self.data["vram"]["analytic"]["verdict"])
+        if "vllm" in self.data["vram"]:
+            lines.append(f"{self.data['vram']['vllm']['verdict']}: {self.data['vram']['vllm']['command']}")
         own = self.data["vram"].get("verify")
         if own and "measured_bytes" in own:
             ph, ex = own["phases"], own["expected_phases_bytes"]
@@ -242,7 +245,8 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
                  "sha256": file_sha256(eval_file), "seqlen": int(windows.shape[1]),
                  "tokens": {d: metrics[d]["tokens"] for d in metrics if d != "all"}},
         "metrics": metrics, "gates": gates,
-        "vram": {"analytic": fit.to_dict(), "measured": _measured(model, qdir, qckpt, cfg, measure_ctx, device),
+        "vram": {"analytic": fit.to_dict(), "vllm": _vllm_fit(qdir, cfg),
+                 "measured": _measured(model, qdir, qckpt, cfg, measure_ctx, device),
                  "verify": own},
         "versions": versions(),
         "backend": {"kernel": _kernel(model), "device": str(device)},
@@ -294,6 +298,12 @@ def _own_peak(mem: PeakMemory, bckpt, qdir: Path, windows: torch.Tensor, cfg: Ve
             "expected_terms": exp.terms, "expected_phases_bytes": per_phase,
             "phases": phases, "hwm_reset": mem.cuda or mem.hwm_reset,
             "windows": len(windows), "seqlen": int(windows.shape[1])}
+
+
+def _vllm_fit(qdir: Path, cfg: VerifyConfig) -> dict:
+    """`fit --engine vllm`'s answer at verify's card and context; the command names the directory, not its path."""
+    settings = VllmSettings(kv_dtype="fp8" if cfg.kv_dtype == "fp8" else "auto")
+    return fit_checkpoint_vllm(qdir, cfg.vram_gib, cfg.context or None, settings, shown_as=qdir.name).to_dict()
 
 
 def _quant_summary(config: dict) -> dict:

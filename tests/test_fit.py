@@ -240,10 +240,11 @@ def test_cli_fit_exit_codes_and_json(tmp_path, capsys):
     from helpers import cli
 
     w4, w8 = inf34b(tmp_path / "w4", "gptq", 4), inf34b(tmp_path / "w8", "gptq", 8)
-    code, out, _ = cli("fit", w4, "--vram-gib", "24", "--context", "4096", "--json", capsys=capsys)
+    code, out, _ = cli("fit", w4, "--engine", "transformers", "--vram-gib", "24", "--context", "4096", "--json",
+                       capsys=capsys)
     data = json.loads(out)
     assert code == 0 and data["fits"] and data["kv_bytes_per_token"] == 196608 and data["max_context"] >= 4096
-    code, out, _ = cli("fit", w8, "--vram-gib", "24", "--context", "4096", capsys=capsys)
+    code, out, _ = cli("fit", w8, "--engine", "transformers", "--vram-gib", "24", "--context", "4096", capsys=capsys)
     assert code == 1 and "does NOT fit" in out
     code, _, err = cli("fit", tmp_path / "missing", capsys=capsys)
     assert code == 2 and err.startswith("inf-quant: error:")

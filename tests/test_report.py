@@ -120,7 +120,7 @@ def test_markdown_pass(tmp_path):
     for domain in ("all", "en", "zh", "code", "math"):
         assert f"\n| {domain} | " in md, domain
     assert "| en | 16,384 | 7.105 | 7.262 | +2.21 % | 0.0198 | 94.37 % |" in md
-    assert "**Verdict:** ✅ fits 24.0 GiB at context 32768" in md
+    assert "**Verdict (transformers generate(), one-shot prefill):** ✅ fits 24.0 GiB at context 32768" in md
     assert "**Largest context that fits in 24.00 GiB:** 32,768 tokens." in md
     assert f"]({PPL_PNG})" in md and f"]({VRAM_PNG})" in md
 
@@ -136,7 +136,7 @@ def test_markdown_fail_lists_failing_gates_first(tmp_path):
     assert all(row.endswith("✅ pass |") for row in gate_rows[2:]) and len(gate_rows) == 12
     assert "| zh | 16,384 | 9.871 | 10.412 | +5.48 % ❌ | 0.0631 ❌ | 91.05 % |" in md
     assert "\n| math | " not in md
-    assert "**Verdict:** ❌ does NOT fit 20.0 GiB at context 32768" in md
+    assert "**Verdict (transformers generate(), one-shot prefill):** ❌ does NOT fit 20.0 GiB at context 32768" in md
     assert "**Largest context that fits in 20.00 GiB:** 11,264 tokens." in md
     assert "| gptqmodel | not installed |" in md
 
