@@ -1,0 +1,198 @@
+"""The error catalogue's run-lifecycle and release-integrity rows (docs/ERRORS.md, issue 22): `release --check` as
+an integrity check, memory refused before the first layer, SIGTERM like Ctrl-C, the crash log and caches on a
+read-only disk, export onto a full disk. Same contract as tests/test_trust.py::test_catalogue (whose Box and
+snapshot this file reuses): the exit code, one `inf-quant: ...` line naming the object and the fix, no traceback,
+every file under the test's root hashing the same before and after unless the row says otherwise.
+
+Cost: the release/memory/export rows are milliseconds to ~3 s each (no model work, or a tiny quantization); the
+SIGTERM round trip ~1 min (a real subprocess on the bundled model, then --resume).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import cli
+from inf_quant.paths import REPO_ROOT
+from test_trust import FAST, Box, quantized_src, snapshot  # noqa: F401  (quantized_src: the shared fixture)
+from tiny import build_tiny_checkpoint
+
+CASES: dict = {}
+
+
+def case(cid: str, rc: int, *expect: str):
+    """Register a catalogue row: setup(t) -> argv; the run must exit rc with one line containing every `expect`
+    (for rc 0: one stderr line, a logged notice, containing them)."""
+    def deco(f):
+        assert cid not in CASES, cid
+        CASES[cid] = (f, rc, expect)
+        return f
+    return deco
+
+
+# ---- release --check: a published release against its manifest --------------------------------------------------
+def _release(t: Box, name: str = "rel") -> Path:
+    """A release directory as `inf-quant release` writes it: two variants, each listed file by file (sha256, size)
+    in manifest.json by the release's own files_table, and a .rejected/ variant (never published)."""
+    from inf_quant.release import MANIFEST, files_table
+
+    rel = t.root / name
+    variants = {}
+    for v in ("tiny-awq", "tiny-gptq"):
+        d = rel / v
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"model_type": "inflm", "variant": v}))
+        (d / "model.safetensors").write_bytes(hashlib.sha256(v.encode()).digest() * 64)
+        (d / "verify.json").write_text("{}")
+        variants[v] = {"recipe": {}, "files": files_table(d)}
+    (rel / ".rejected" / "tiny-rtn").mkdir(parents=True)
+    (rel / ".rejected" / "tiny-rtn" / "report.md").write_text("failed a gate")
+    (rel / MANIFEST).write_text(json.dumps({"format": 1, "variants": variants, "rejected": {"tiny-rtn": ["x"]}}))
+    return rel
+
+
+def _edit_manifest(rel: Path, edit) -> None:
+    m = json.loads((rel / "manifest.json").read_text())
+    edit(m)
+    (rel / "manifest.json").write_text(json.dumps(m))
+
+
+@case("release-check-extra-file", 1, "tiny-gptq/evil.py: not in the manifest")
+def _(t):
+    rel = _release(t)
+    (rel / "tiny-gptq" / "evil.py").write_text("import os\n")
+    return ["release", "--check", rel]
+
+
+@case("release-check-extra-variant", 1, "tiny-extra/: not in the manifest")
+def _(t):
+    rel = _release(t)
+    shutil.copytree(rel / "tiny-gptq", rel / "tiny-extra")
+    return ["release", "--check", rel]
+
+
+@case("release-check-extra-subdir", 1, "tiny-awq/sub/: not in the manifest")
+def _(t):
+    rel = _release(t)
+    (rel / "tiny-awq" / "sub").mkdir()
+    (rel / "tiny-awq" / "sub" / "x.bin").write_bytes(b"x")
+    return ["release", "--check", rel]
+
+
+@case("release-check-changed-file", 1, "tiny-awq/model.safetensors: sha256 or size differs", "another sha256")
+def _(t):
+    rel = _release(t)
+    p = rel / "tiny-awq" / "model.safetensors"
+    data = bytearray(p.read_bytes())
+    data[100] ^= 0x01
+    p.write_bytes(bytes(data))
+    return ["release", "--check", rel]
+
+
+@case("release-check-size-mismatch", 1, "tiny-gptq/config.json: sha256 or size differs", "listed")
+def _(t):
+    rel = _release(t)
+    with open(rel / "tiny-gptq" / "config.json", "a") as f:
+        f.write(" ")
+    return ["release", "--check", rel]
+
+
+@case("release-check-missing-file", 1, "tiny-gptq/verify.json: missing")
+def _(t):
+    rel = _release(t)
+    (rel / "tiny-gptq" / "verify.json").unlink()
+    return ["release", "--check", rel]
+
+
+@case("release-check-symlink-out", 1, "tiny-gptq/model.safetensors: a symlink, not a file")
+def _(t):
+    rel = _release(t)
+    outside = t.write("outside.bin", (rel / "tiny-gptq" / "model.safetensors").read_bytes())
+    (rel / "tiny-gptq" / "model.safetensors").unlink()
+    (rel / "tiny-gptq" / "model.safetensors").symlink_to(outside)  # same bytes, but outside the release
+    return ["release", "--check", rel]
+
+
+@case("release-check-path-escape", 2, "manifest.json: not a valid manifest", "variant name '../../..'",
+      "restore it")
+def _(t):
+    rel = _release(t)
+    t.write("secret.txt", "outside the release")
+    _edit_manifest(rel, lambda m: m["variants"].__setitem__("../../..", m["variants"]["tiny-gptq"]))
+    return ["release", "--check", rel]
+
+
+@case("release-check-absolute-path", 2, "manifest.json: not a valid manifest", "file name '/etc/passwd'",
+      "restore it")
+def _(t):
+    rel = _release(t)
+    _edit_manifest(rel, lambda m: m["variants"]["tiny-gptq"]["files"].__setitem__(
+        "/etc/passwd", {"sha256": "0" * 64, "size": 1}))
+    return ["release", "--check", rel]
+
+
+@case("release-check-entry-without-size", 2, "manifest.json: not a valid manifest",
+      "variants['tiny-awq'].files['config.json'] has no 'size'", "restore it")
+def _(t):
+    rel = _release(t)
+    _edit_manifest(rel, lambda m: m["variants"]["tiny-awq"]["files"]["config.json"].pop("size"))
+    return ["release", "--check", rel]
+
+
+@case("release-check-wrong-types", 2, "manifest.json: not a valid manifest", "variants['tiny-gptq'] has no 'files'")
+def _(t):
+    rel = _release(t)
+    _edit_manifest(rel, lambda m: m["variants"]["tiny-gptq"].__setitem__("files", ["config.json"]))
+    return ["release", "--check", rel]
+
+
+def test_an_intact_release_checks_clean_and_rejected_variants_are_not_published(tmp_path, monkeypatch, capsys,
+                                                                                quantized_src):
+    t = Box(tmp_path, monkeypatch, quantized_src)
+    rel = _release(t)
+    code, out, err = cli("release", "--check", rel, capsys=capsys)
+    assert code == 0 and "every file matches manifest.json" in out, (out, err)
+    (rel / "tiny-gptq" / "verify.json").write_text("[]")  # same size, other bytes: the check reads content
+    code, out, _ = cli("release", "--check", rel, "--json", capsys=capsys)
+    assert code == 1 and json.loads(out)["problems"] == [
+        "tiny-gptq/verify.json: sha256 or size differs from the manifest (same size, another sha256)"]
+
+
+# ---- the catalogue runner ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cid", list(CASES))
+def test_catalogue(cid, tmp_path, monkeypatch, capsys, quantized_src):
+    setup, rc, expect = CASES[cid]
+    t = Box(tmp_path, monkeypatch, quantized_src)
+    argv = setup(t)
+    capsys.readouterr()
+    before = snapshot(t.root)
+    try:
+        code = cli(*argv)[0]
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == rc, err
+    assert "Traceback" not in err
+    if rc == 1:  # a check that found problems: each on stdout, naming the file
+        lines = [line for line in out.splitlines() if any(e in line for e in expect)]
+        assert len(lines) == 1 and all(e in lines[0] for e in expect), out
+        assert not [line for line in err.splitlines() if line.startswith("inf-quant")], err
+    else:
+        lines = [line for line in err.splitlines() if line.startswith("inf-quant" if rc else "WARNING inf_quant")]
+        assert len(lines) == 1, err
+        for e in expect:
+            assert e in lines[0], (e, lines[0])
+    if not t.changes_ok:
+        assert snapshot(t.root) == before, "an input, a previous output or a leftover changed"
