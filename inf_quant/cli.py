@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a verification gate failed; 2 bad input or environment, out of memory, disk full (one
 line on stderr: what, where, how to fix); 3 an unexpected error (one line; the traceback goes to a log file whose
-path is printed); 130 interrupted. Arguments and pre-flight (preflight.py) are checked before torch or
+path is printed); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM; like Ctrl-C, the lock released and the
+work directory kept for --resume). Arguments and pre-flight (preflight.py) are checked before torch or
 transformers is imported; library output is kept off the terminal (and in the crash log) unless --verbose.
 """
 
@@ -13,7 +14,7 @@ import json
 import sys
 
 from . import __version__
-from .console import crash_log, environment_advice, library_stdout, one_line, terminal
+from .console import crash_log, environment_advice, library_stdout, one_line, sigterm_as_interrupt, terminal
 
 EXAMPLES = """examples:
   inf-quant gptq --bits 4                           # the bundled model -> out/inf-tiny-gptq-w4g128
@@ -301,18 +302,22 @@ COMMANDS = {"gptq": _quantize, "awq": _quantize, "verify": _verify, "fit": _fit,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with terminal(getattr(args, "verbose", False)):
+    with terminal(getattr(args, "verbose", False)), sigterm_as_interrupt():
         return _run(args, argv)
 
 
 def _run(args, argv) -> int:
-    from .errors import InfQuantError, is_oom
+    from .errors import InfQuantError, Terminated, is_oom
 
     try:
         return COMMANDS[args.command](args)
     except InfQuantError as e:
         print(f"inf-quant: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        notes = list(getattr(e, "__notes__", ())) or ["nothing was written"]
+        print(f"inf-quant: terminated (SIGTERM); {'; '.join(notes)}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("inf-quant: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

@@ -90,6 +90,31 @@ def library_stdout(args):
         yield
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises errors.Terminated (a KeyboardInterrupt) in the main thread for the with-block, so the run's
+    cleanup is Ctrl-C's; a second SIGTERM during that cleanup kills as usual. Restored on exit (main() may run
+    in-process). Outside the main thread (where handlers cannot be set) nothing changes."""
+    import signal
+    import threading
+
+    from .errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def crash_log_dir() -> Path:
     d = os.environ.get("INF_QUANT_LOG_DIR")
     return Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant" / "logs"

@@ -170,6 +170,60 @@ def test_an_intact_release_checks_clean_and_rejected_variants_are_not_published(
         "tiny-gptq/verify.json: sha256 or size differs from the manifest (same size, another sha256)"]
 
 
+# ---- SIGTERM: like Ctrl-C --------------------------------------------------------------------------------------
+def _at_layer(t: Box, act, layer: int = 1) -> None:
+    """Run act() when the pipeline reaches `layer` (layer 0 is finished and handed to the writer by then)."""
+    import inf_quant.pipeline as pipeline
+
+    real = pipeline.quantize_layer
+
+    def quantize_layer(ctx, block, i, hidden, rope):
+        if i == layer:
+            act()
+        return real(ctx, block, i, hidden, rope)
+
+    t.mp.setattr(pipeline, "quantize_layer", quantize_layer)
+
+
+@case("sigterm", 143, "terminated (SIGTERM)", "finished layers kept in", "rerun with --resume to continue")
+def _(t):
+    _at_layer(t, lambda: os.kill(os.getpid(), signal.SIGTERM))  # a real signal, delivered to this process
+    t.changes_ok = True  # the finished layer is kept on purpose; the lock is not (checked below)
+    return _gptq(t)
+
+
+def _gptq(t: Box, *extra) -> list:
+    return ["gptq", "--model", t.model(), *FAST, "--out", t.root / "q", *extra]
+
+
+def test_sigterm_mid_quantization_keeps_the_work_releases_the_lock_and_resume_gives_the_same_bytes(tmp_path):
+    """A real `kill -TERM` of `inf-quant gptq` after its first finished layer: exit 143 with one line, the work
+    directory kept (and nothing else), the lock released; --resume then finishes with an uninterrupted run's bytes."""
+    model = tmp_path / "m"
+    shutil.copytree(REPO_ROOT / "models" / "inf-tiny", model)  # 6 layers: time to signal between layers
+    args = ["--model", str(model), "--group-size", "32", "--samples", "8", "--seqlen", "64", "-q"]
+    assert cli("gptq", *args, "--out", tmp_path / "ref")[0] == 0
+    p = subprocess.Popen([sys.executable, "-m", "inf_quant", "gptq", *args, "--out", str(tmp_path / "q")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline and \
+            not (tmp_path / ".q.partial" / "layer-00000.safetensors").exists():
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=300)[1]
+    assert p.returncode == 143, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("inf-quant")]
+    assert len(lines) == 1 and "terminated (SIGTERM)" in lines[0] and "--resume" in lines[0], err[-3000:]
+    assert "Traceback" not in err
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".q.partial", "m", "ref"], left   # no lock, no output: exactly the resumable work directory
+    assert (tmp_path / ".q.partial" / "layer-00000.safetensors").is_file()
+    assert cli("gptq", *args, "--out", tmp_path / "q", "--resume")[0] == 0
+    ref, got = snapshot(tmp_path / "ref"), snapshot(tmp_path / "q")
+    ref.pop("inf_quant.json"), got.pop("inf_quant.json")
+    assert ref == got and not (tmp_path / ".q.lock").exists() and not (tmp_path / ".q.partial").exists()
+
+
 # ---- the catalogue runner ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cid", list(CASES))
 def test_catalogue(cid, tmp_path, monkeypatch, capsys, quantized_src):
@@ -196,3 +250,4 @@ def test_catalogue(cid, tmp_path, monkeypatch, capsys, quantized_src):
             assert e in lines[0], (e, lines[0])
     if not t.changes_ok:
         assert snapshot(t.root) == before, "an input, a previous output or a leftover changed"
+    assert not list(t.root.glob(".*.lock")), "a lock was left behind"
