@@ -306,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, argv)
 
 
+def _oom_advice(args) -> str:
+    """The flags that size a command's memory."""
+    if args.command == "verify":
+        return "lower --baseline-gib or --seqlen, or use a machine with more memory"
+    return (f"lower --forward-batch (now {getattr(args, 'forward_batch', None) or 'default 4'}), --samples or "
+            "--seqlen")
+
+
 def _run(args, argv) -> int:
     from .errors import InfQuantError, Terminated, is_oom
 
@@ -324,8 +332,7 @@ def _run(args, argv) -> int:
     except Exception as e:  # noqa: BLE001 - the error contract: nothing escapes as a traceback
         if is_oom(e):
             notes = list(getattr(e, "__notes__", ())) or ["nothing was written"]
-            print(f"inf-quant: error: out of memory ({type(e).__name__}): lower --forward-batch (now "
-                  f"{getattr(args, 'forward_batch', None) or 'default 4'}), --samples or --seqlen; " + "; ".join(notes),
+            print(f"inf-quant: error: out of memory ({type(e).__name__}): {_oom_advice(args)}; " + "; ".join(notes),
                   file=sys.stderr)
             return 2
         if isinstance(e, OSError) and (advice := environment_advice(e)):

@@ -24,8 +24,10 @@ class Terminated(KeyboardInterrupt):
 
 
 def is_oom(e: BaseException) -> bool:
-    """Host (MemoryError) or CUDA (torch.OutOfMemoryError) out of memory; checked by name, torch need not be loaded."""
-    return isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+    """Host (MemoryError, or torch's CPU allocator failing: a RuntimeError "DefaultCPUAllocator: can't allocate
+    memory") or CUDA (torch.OutOfMemoryError) out of memory; checked by name, torch need not be loaded."""
+    return (isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
 
 
 def resumable(e: BaseException) -> bool:

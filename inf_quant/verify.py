@@ -26,7 +26,7 @@ from .errors import CheckpointError, ConfigError
 from .export import architecture
 from .fit import fit_checkpoint
 from .load import open_checkpoint
-from .memory import LOGIT_CHUNK_BYTES, PeakMemory, expected_verify_peak, gib
+from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement
 from .paths import resolve_model_path
 from .report import signed_pct
@@ -213,6 +213,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     max_pos = int(bckpt.config.get("max_position_embeddings", cfg.seqlen))
     windows, doms = domain_windows(load_tokenizer(bdir, cfg.trust_remote_code), read_records(eval_file),
                                    min(cfg.seqlen, max_pos), cfg.max_windows)
+    refuse_if_too_big(bckpt, qdir, windows, cfg, device, dtype)
     mem = PeakMemory(device)
     mem.reset()
     start_rss = mem.base_rss
@@ -275,16 +276,35 @@ def _phase_peak(mem: PeakMemory) -> dict:
                                                                         "added_bytes": rss - mem.base_rss}
 
 
+def _expected(bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, dtype, on_host: bool):
+    """(the quantized weights' bytes, memory.expected_verify_peak for this run)."""
+    from .fit import checkpoint_bytes
+
+    weights = checkpoint_bytes(qdir)[1]
+    return weights, expected_verify_peak(bckpt.layer_map, bckpt.config, weights, len(windows), windows.shape[1], 4,
+                                         dtype.itemsize, True, cfg.baseline_gib, on_host=on_host)
+
+
+def refuse_if_too_big(bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, device: torch.device,
+                      dtype) -> None:
+    """Before the baseline: a verify whose expected peak exceeds the memory available on its device by more than
+    MEMORY_MARGIN is a ConfigError naming the flags that size it."""
+    avail, where = available_bytes(device)
+    exp = _expected(bckpt, qdir, windows, cfg, dtype, on_host=device.type != "cuda")[1]
+    if avail is None or exp.total <= avail * (1 + MEMORY_MARGIN):
+        return
+    raise ConfigError(f"not enough memory: verify of {qdir} ({len(windows)} windows of --seqlen {windows.shape[1]}, "
+                      f"--baseline-gib {cfg.baseline_gib:g}) has an expected peak of {gib(exp.total)} on "
+                      f"{device.type} ({exp.describe()}), but {where} has {gib(avail)} available; lower "
+                      "--baseline-gib or --seqlen, or run on a machine with more memory")
+
+
 def _own_peak(mem: PeakMemory, bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, dtype,
               phases: dict, start_rss: int) -> dict:
     """verify's own peak: measured per phase (the layer-streamed baseline; the quantized model's scoring, on top
     of the loaded model) and expected (memory.expected_verify_peak). On CUDA torch's peak allocation; on CPU the
     process' RSS high-water mark, the expectation on top of the RSS held when verify started scoring."""
-    from .fit import checkpoint_bytes
-
-    weights = checkpoint_bytes(qdir)[1]
-    exp = expected_verify_peak(bckpt.layer_map, bckpt.config, weights, len(windows),
-                               windows.shape[1], 4, dtype.itemsize, True, cfg.baseline_gib, on_host=not mem.cuda)
+    weights, exp = _expected(bckpt, qdir, windows, cfg, dtype, on_host=not mem.cuda)
     # per phase, like for like with phases[...]["added_bytes"]: on CPU the scoring is measured above the loaded model
     per_phase = {"baseline": exp.terms["baseline pass"],
                  "scoring": exp.terms["quantized model"] - (0 if mem.cuda else weights)}

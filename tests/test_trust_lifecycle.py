@@ -224,6 +224,72 @@ def test_sigterm_mid_quantization_keeps_the_work_releases_the_lock_and_resume_gi
     assert ref == got and not (tmp_path / ".q.lock").exists() and not (tmp_path / ".q.partial").exists()
 
 
+# ---- memory: foreseen is enforced; an OOM that still happens is exit 2 with the flags that size the run --------
+@case("memory-refused-quantize", 2, "not enough memory: --samples 100000000 x --seqlen 512", "expected peak of",
+      "available", "use --samples", "or fewer (the largest that fits)", "lower --seqlen")
+def _(t):
+    return ["gptq", "--model", t.model(), "--group-size", "32", "--samples", "100000000", "--seqlen", "512", "-q",
+            "--out", t.root / "q"]   # 2 x 1e8 x 512 x 64 x 4 B = 26 TB of hidden states: more than any machine here
+
+
+@case("memory-refused-verify", 2, "not enough memory: verify of", "--baseline-gib 2", "expected peak of",
+      "a 1 MiB test machine has 0.00 GiB available", "lower --baseline-gib or --seqlen")
+def _(t):
+    import inf_quant.verify as verify
+
+    t.mp.setattr(verify, "available_bytes", lambda device: (2**20, "a 1 MiB test machine"))
+    q = t.quantized()
+    return ["verify", q, "--baseline", t.model(), "--seqlen", "32", "--max-windows", "2"]
+
+
+def _allocate_exabytes():
+    import torch
+
+    torch.empty(2**62, dtype=torch.uint8)  # torch's CPU allocator refuses: RuntimeError, not MemoryError
+
+
+@case("host-oom-torch-allocator", 2, "out of memory (RuntimeError)", "--forward-batch", "--samples or --seqlen",
+      "finished layers kept in", "--resume")
+def _(t):
+    _at_layer(t, _allocate_exabytes)   # a real failed allocation (was exit 3: "internal error")
+    t.changes_ok = True  # the finished layer is kept on purpose, for --resume
+    return _gptq(t)
+
+
+@case("verify-oom", 2, "out of memory (RuntimeError)", "lower --baseline-gib or --seqlen", "nothing was written")
+def _(t):
+    import inf_quant.verify as verify
+
+    def quantized_stats(model, windows, base, *a, **kw):
+        _allocate_exabytes()
+
+    t.mp.setattr(verify, "quantized_stats", quantized_stats)
+    return ["verify", t.quantized(), "--baseline", t.model(), "--seqlen", "32", "--max-windows", "2",
+            "--cache-dir", t.logs / "cache"]
+
+
+def test_the_refusal_advises_the_largest_samples_that_fit(tmp_path, monkeypatch, capsys):
+    """The bundled model with --samples 100000 on a 23 GiB machine (expected 97.7 GiB): refused before any work,
+    and the advised --samples is the largest whose expected peak is within what is available."""
+    import inf_quant.pipeline as pipeline
+    from inf_quant.load import open_checkpoint
+    from inf_quant.memory import expected_quantize_peak
+    from inf_quant.paths import DEFAULT_MODEL
+
+    avail = 23 * 2**30
+    monkeypatch.setattr(pipeline, "available_bytes", lambda device: (avail, "a 23 GiB machine"))
+    code, _, err = cli("gptq", "--samples", "100000", "--out", tmp_path / "q", "-q", capsys=capsys)
+    assert code == 2 and "expected peak of 97.68 GiB" in err, err
+    n = int(re.search(r"use --samples (\d+) or fewer", err).group(1))
+    ckpt = open_checkpoint(DEFAULT_MODEL)
+
+    def expected(s):
+        return expected_quantize_peak(ckpt.layer_map, ckpt.config, s, 512, 4, 4, True, on_host=True).total
+
+    assert expected(n) <= avail < expected(n + 1), (n, expected(n), expected(n + 1))
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- the catalogue runner ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cid", list(CASES))
 def test_catalogue(cid, tmp_path, monkeypatch, capsys, quantized_src):
