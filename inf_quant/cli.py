@@ -60,6 +60,8 @@ def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
 def _verbose_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show the libraries' own log lines and warnings (hidden by default)")
+    p.add_argument("--log-dir", help="where a crash log goes (default $INF_QUANT_LOG_DIR, else "
+                                     "~/.cache/inf-quant/logs; the temporary directory if that cannot be written)")
 
 
 def _serve_as_arg(p: argparse.ArgumentParser) -> None:
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache-dir", help="baseline cache (default ~/.cache/inf-quant)")
     v.add_argument("--device", metavar="{auto,cpu,cuda,cuda:N}", help="default: cuda if available")
     v.add_argument("--json", action="store_true", help="print verify.json instead of the summary")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     v.add_argument("--trust-remote-code", action="store_true", help="run the checkpoints' own Python code")
     f = sub.add_parser("fit", help="analytic VRAM verdict: does a checkpoint fit a card, and at what context",
                        description="Exit 0 if it fits at the given context, 1 if it does not, 2 on bad input.")
@@ -215,6 +218,32 @@ class _Progress:
             self.bar = None
 
 
+class _PhaseProgress:
+    """tqdm bar per phase of `verify`: the baseline (layers x passes), then the scoring (windows), with RSS."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.phase = quiet, None, None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        from .memory import gib, rss_bytes
+
+        if phase != self.phase:
+            if self.bar is not None:
+                self.bar.close()
+            unit = "layer" if phase == "baseline" else "window"
+            self.bar = tqdm(total=total, desc=phase, unit=unit, file=sys.stderr, dynamic_ncols=True)
+            self.phase = phase
+        self.bar.set_postfix({"RAM": gib(rss_bytes())}, refresh=False)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.bar.close()
+            self.bar, self.phase = None, None
+
+
 def _quantize(args) -> int:
     from . import preflight
 
@@ -251,7 +280,7 @@ def _verify(args) -> int:
     from .verify import verify
 
     with library_stdout(args):
-        report = verify(cfg)
+        report = verify(cfg, progress=_PhaseProgress(args.quiet or args.json))
     print(json.dumps(report.data, sort_keys=True) if args.json else report.to_text())
     return 0 if report.passed else 1
 
@@ -338,7 +367,7 @@ def _run(args, argv) -> int:
         if isinstance(e, OSError) and (advice := environment_advice(e)):
             print(f"inf-quant: error: {'; '.join([advice, *getattr(e, '__notes__', ())])}", file=sys.stderr)
             return 2
-        log_file = crash_log(sys.argv[1:] if argv is None else argv, e)
+        log_file = crash_log(sys.argv[1:] if argv is None else argv, e, getattr(args, "log_dir", None))
         print(f"inf-quant: internal error: {type(e).__name__}: {one_line(e)[:300]} (traceback in {log_file}; "
               "please report it)", file=sys.stderr)
         return 3

@@ -43,6 +43,17 @@ def rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def _malloc_trim() -> None:
+    """Give glibc's free heap back to the OS (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 class PeakMemory:
     """Peaks from now on: torch's CUDA peak allocation, and on the host the RSS high-water mark above `base_rss`
     (what the process held when this started or was last reset)."""
@@ -59,9 +70,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def reset(self) -> None:
-        """Start a new phase: CUDA peak stats reset; the host high-water mark lowered to the RSS now (Linux
-        /proc/self/clear_refs; where that is not allowed, `hwm_reset` is False and peaks include earlier ones)."""
+        """Start a new phase: CUDA peak stats reset; freed heap returned to the OS (glibc's malloc_trim, so the
+        phase starts from its working set, not from whatever slack the last phase left); the host high-water mark
+        lowered to the RSS now (Linux /proc/self/clear_refs; where that is not allowed, `hwm_reset` is False and
+        peaks include earlier ones)."""
         self._reset_cuda()
+        _malloc_trim()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

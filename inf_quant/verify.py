@@ -113,12 +113,13 @@ def domain_windows(tokenizer, records: list[dict], seqlen: int, max_windows: int
     return torch.cat(rows), doms
 
 
-def quantized_stats(model, windows: torch.Tensor, base, chunk_bytes: int = LOGIT_CHUNK_BYTES):
+def quantized_stats(model, windows: torch.Tensor, base, chunk_bytes: int = LOGIT_CHUNK_BYTES, progress=None):
     """Target log-prob, KL and top-1 agreement of the loaded quantized model, each [S, T-1] fp32 on the host.
 
     One window at a time (batch 1), no KV cache: the decoder's final hidden states [T, D], then lm_head and
     log_softmax over chunks of C = chunk_bytes / (4 V) positions, so only per-position results leave a chunk.
     Device memory beyond the weights: one window's activations + about 3 x [C, V] fp32 (logits, log-probs, exp).
+    progress("scoring", done, total), if given, after each window.
     """
     dev = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -139,6 +140,8 @@ def quantized_stats(model, windows: torch.Tensor, base, chunk_bytes: int = LOGIT
                 kl[s, rows] = kl_topk(top_lp, top_id, logp)
                 agree[s, rows] = top1_agreement(top_id, logp)
                 del logp
+            if progress:
+                progress("scoring", s + 1, n)
     return tgt, kl, agree
 
 
@@ -203,7 +206,8 @@ def measure_vram(model, vocab: int, context: int, device: torch.device) -> dict 
             "peak_reserved_bytes": torch.cuda.max_memory_reserved(device), "process_used_bytes": used}
 
 
-def verify(cfg: VerifyConfig) -> VerifyReport:
+def verify(cfg: VerifyConfig, progress=None) -> VerifyReport:
+    """progress(phase, done, total), if given: phase "baseline" (layers x passes) then "scoring" (windows)."""
     qdir = Path(cfg.quantized)
     bdir = resolve_model_path(cfg.baseline)
     qckpt, bckpt = open_checkpoint(qdir), open_checkpoint(bdir)
@@ -218,11 +222,11 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     mem.reset()
     start_rss = mem.base_rss
     base = baseline_stats(bckpt, windows, cfg.top_k, device, dtype, cfg.cache_dir,
-                          trust_remote_code=cfg.trust_remote_code, budget_gib=cfg.baseline_gib)
+                          trust_remote_code=cfg.trust_remote_code, budget_gib=cfg.baseline_gib, progress=progress)
     phases = {"baseline": _phase_peak(mem)}
     model = load_quantized(qdir, device, dtype, cfg.trust_remote_code)
     mem.reset()                   # the scoring phase, on top of the loaded model
-    tgt, kl, agree = quantized_stats(model, windows, base)
+    tgt, kl, agree = quantized_stats(model, windows, base, progress=progress)
     phases["scoring"] = _phase_peak(mem)
     own = _own_peak(mem, bckpt, qdir, windows, cfg, dtype, phases, start_rss)
     metrics = {"all": summarize(base.target_logp, tgt, kl, agree)}

@@ -290,6 +290,61 @@ def test_the_refusal_advises_the_largest_samples_that_fit(tmp_path, monkeypatch,
     assert list(tmp_path.iterdir()) == []
 
 
+# ---- environment: logs and caches on a disk that cannot be written; export onto a full disk --------------------
+def _unwritable(t: Box, name: str) -> Path:
+    """A directory path that cannot be created or written, even by root: its parent is a regular file."""
+    return t.write("blocker", "a file, not a directory") / name
+
+
+@case("crash-log-dir-not-writable", 3, "internal error: RuntimeError: boom", "traceback in", "is not writable",
+      "pass --log-dir or set INF_QUANT_LOG_DIR", "please report it")
+def _(t):
+    import tempfile
+
+    t.mp.setenv("INF_QUANT_LOG_DIR", str(_unwritable(t, "logs")))  # was: "traceback in None"
+    t.mp.setattr(tempfile, "tempdir", str(t.logs.parent / "tmp"))  # the fallback, outside the hashed root
+
+    def boom():
+        raise RuntimeError("boom")
+
+    _at_layer(t, boom)
+    return _gptq(t)
+
+
+@case("cache-not-writable", 0, "cannot write the file-hash memo", "going on without it",
+      "set XDG_CACHE_HOME to a writable directory")
+def _(t):
+    t.mp.setenv("XDG_CACHE_HOME", str(_unwritable(t, "cache")))  # was: exit 3 (ENOTDIR) or a wrong hint (EROFS)
+    return ["gptq", "--model", t.model(), *FAST, "--out", t.logs.parent / "q"]   # the output outside the root
+
+
+@case("export-disk-too-small", 2, "the export needs about", "GB free", "free space or choose an output on another disk")
+def _(t):
+    q = t.quantized()
+    t.mp.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 10**6))
+    return ["export", "--as", "stablelm", q, t.root / "s"]
+
+
+@case("export-disk-full-mid-copy", 2, "disk full writing", ".s.partial/model.safetensors",
+      "the unfinished export (.s.partial) was removed")
+def _(t):
+    q = t.quantized()
+    real = shutil.copyfile
+
+    def no_link(src, dst, *a, **kw):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+
+    def copyfile(src, dst, *a, **kw):  # the disk fills half-way through the shard (the error names src, then dst)
+        if Path(src).suffix != ".safetensors":
+            return real(src, dst, *a, **kw)
+        Path(dst).write_bytes(Path(src).read_bytes()[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+    t.mp.setattr(os, "link", no_link)   # another file system: every file is copied
+    t.mp.setattr(shutil, "copyfile", copyfile)
+    return ["export", "--as", "stablelm", q, t.root / "s"]
+
+
 # ---- the catalogue runner ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cid", list(CASES))
 def test_catalogue(cid, tmp_path, monkeypatch, capsys, quantized_src):
@@ -317,3 +372,7 @@ def test_catalogue(cid, tmp_path, monkeypatch, capsys, quantized_src):
     if not t.changes_ok:
         assert snapshot(t.root) == before, "an input, a previous output or a leftover changed"
     assert not list(t.root.glob(".*.lock")), "a lock was left behind"
+    if rc == 3:
+        log = Path(re.search(r"traceback in (\S+);", lines[0]).group(1))
+        assert "Traceback" in log.read_text() and "boom" in log.read_text()
+        assert log.parent == t.logs.parent / "tmp" / "inf-quant-logs"
