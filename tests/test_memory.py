@@ -112,4 +112,6 @@ def test_verify_baseline_does_not_grow_with_eval_windows_under_glibc_defaults(gl
     few, many = glibc_peaks[0][0], glibc_peaks[1][0]
     print(f"baseline peak above its start, glibc defaults: {few / 2**20:.1f} MiB (16 windows), "
           f"{many / 2**20:.1f} MiB (128)")
-    assert many - few < max(0.10 * few, 8 * 2**20), (few / 2**20, many / 2**20)
+    # measured: 133 -> 2072 MiB before the fix; 120-140 -> 134-142 MiB after (2 vs 16 passes: up to ~10 MiB of
+    # heap slack between passes, not per window), so 24 MiB separates the two by ~80x
+    assert many - few < max(0.15 * few, 24 * 2**20), (few / 2**20, many / 2**20)
