@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a verification gate failed; 2 bad input or environment, out of memory, disk full (one
 line on stderr: what, where, how to fix); 3 an unexpected error (one line; the traceback goes to a log file whose
-path is printed); 130 interrupted. Arguments and pre-flight (preflight.py) are checked before torch or
+path is printed); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM; like Ctrl-C, the lock released and the
+work directory kept for --resume). Arguments and pre-flight (preflight.py) are checked before torch or
 transformers is imported; library output is kept off the terminal (and in the crash log) unless --verbose.
 """
 
@@ -13,7 +14,7 @@ import json
 import sys
 
 from . import __version__
-from .console import crash_log, environment_advice, library_stdout, one_line, terminal
+from .console import crash_log, environment_advice, library_stdout, one_line, sigterm_as_interrupt, terminal
 
 EXAMPLES = """examples:
   inf-quant gptq --bits 4                           # the bundled model -> out/inf-tiny-gptq-w4g128
@@ -59,6 +60,8 @@ def _quant_args(p: argparse.ArgumentParser, bits: tuple[int, ...]) -> None:
 def _verbose_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show the libraries' own log lines and warnings (hidden by default)")
+    p.add_argument("--log-dir", help="where a crash log goes (default $INF_QUANT_LOG_DIR, else "
+                                     "~/.cache/inf-quant/logs; the temporary directory if that cannot be written)")
 
 
 def _serve_as_arg(p: argparse.ArgumentParser) -> None:
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache-dir", help="baseline cache (default ~/.cache/inf-quant)")
     v.add_argument("--device", metavar="{auto,cpu,cuda,cuda:N}", help="default: cuda if available")
     v.add_argument("--json", action="store_true", help="print verify.json instead of the summary")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     v.add_argument("--trust-remote-code", action="store_true", help="run the checkpoints' own Python code")
     f = sub.add_parser("fit", help="analytic VRAM verdict: does a checkpoint fit a card, and at what context",
                        description="Exit 0 if it fits at the given context, 1 if it does not, 2 on bad input.")
@@ -227,6 +231,32 @@ class _Progress:
             self.bar = None
 
 
+class _PhaseProgress:
+    """tqdm bar per phase of `verify`: the baseline (layers x passes), then the scoring (windows), with RSS."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.phase = quiet, None, None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        from .memory import gib, rss_bytes
+
+        if phase != self.phase:
+            if self.bar is not None:
+                self.bar.close()
+            unit = "layer" if phase == "baseline" else "window"
+            self.bar = tqdm(total=total, desc=phase, unit=unit, file=sys.stderr, dynamic_ncols=True)
+            self.phase = phase
+        self.bar.set_postfix({"RAM": gib(rss_bytes())}, refresh=False)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.bar.close()
+            self.bar, self.phase = None, None
+
+
 def _quantize(args) -> int:
     from . import preflight
 
@@ -263,7 +293,7 @@ def _verify(args) -> int:
     from .verify import verify
 
     with library_stdout(args):
-        report = verify(cfg)
+        report = verify(cfg, progress=_PhaseProgress(args.quiet or args.json))
     print(json.dumps(report.data, sort_keys=True) if args.json else report.to_text())
     return 0 if report.passed else 1
 
@@ -337,32 +367,43 @@ COMMANDS = {"gptq": _quantize, "awq": _quantize, "verify": _verify, "fit": _fit,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with terminal(getattr(args, "verbose", False)):
+    with terminal(getattr(args, "verbose", False)), sigterm_as_interrupt():
         return _run(args, argv)
 
 
+def _oom_advice(args) -> str:
+    """The flags that size a command's memory."""
+    if args.command == "verify":
+        return "lower --baseline-gib or --seqlen, or use a machine with more memory"
+    return (f"lower --forward-batch (now {getattr(args, 'forward_batch', None) or 'default 4'}), --samples or "
+            "--seqlen")
+
+
 def _run(args, argv) -> int:
-    from .errors import InfQuantError, is_oom
+    from .errors import InfQuantError, Terminated, is_oom
 
     try:
         return COMMANDS[args.command](args)
     except InfQuantError as e:
         print(f"inf-quant: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        notes = list(getattr(e, "__notes__", ())) or ["nothing was written"]
+        print(f"inf-quant: terminated (SIGTERM); {'; '.join(notes)}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("inf-quant: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the error contract: nothing escapes as a traceback
         if is_oom(e):
             notes = list(getattr(e, "__notes__", ())) or ["nothing was written"]
-            print(f"inf-quant: error: out of memory ({type(e).__name__}): lower --forward-batch (now "
-                  f"{getattr(args, 'forward_batch', None) or 'default 4'}), --samples or --seqlen; " + "; ".join(notes),
+            print(f"inf-quant: error: out of memory ({type(e).__name__}): {_oom_advice(args)}; " + "; ".join(notes),
                   file=sys.stderr)
             return 2
         if isinstance(e, OSError) and (advice := environment_advice(e)):
             print(f"inf-quant: error: {'; '.join([advice, *getattr(e, '__notes__', ())])}", file=sys.stderr)
             return 2
-        log_file = crash_log(sys.argv[1:] if argv is None else argv, e)
+        log_file = crash_log(sys.argv[1:] if argv is None else argv, e, getattr(args, "log_dir", None))
         print(f"inf-quant: internal error: {type(e).__name__}: {one_line(e)[:300]} (traceback in {log_file}; "
               "please report it)", file=sys.stderr)
         return 3

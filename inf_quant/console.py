@@ -90,21 +90,56 @@ def library_stdout(args):
         yield
 
 
-def crash_log_dir() -> Path:
-    d = os.environ.get("INF_QUANT_LOG_DIR")
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises errors.Terminated (a KeyboardInterrupt) in the main thread for the with-block, so the run's
+    cleanup is Ctrl-C's; a second SIGTERM during that cleanup kills as usual. Restored on exit (main() may run
+    in-process). Outside the main thread (where handlers cannot be set) nothing changes."""
+    import signal
+    import threading
+
+    from .errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def crash_log_dir(log_dir: str | None = None) -> Path:
+    """--log-dir, else $INF_QUANT_LOG_DIR, else $XDG_CACHE_HOME/inf-quant/logs (~/.cache/inf-quant/logs)."""
+    d = log_dir or os.environ.get("INF_QUANT_LOG_DIR")
     return Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant" / "logs"
 
 
-def crash_log(argv, e: BaseException) -> Path | None:
-    try:
-        d = crash_log_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        p = d / f"inf-quant-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        p.write_text(f"inf-quant {__version__}\nargv: {json.dumps(argv)}\n\n" + "\n".join(_recent) + "\n\n"
-                     + "".join(traceback.format_exception(e)))
-        return p
-    except OSError:
-        return None
+def crash_log(argv, e: BaseException, log_dir: str | None = None) -> str:
+    """Write the crash log (version, argv, recent log lines, traceback); where it went, for the one line. If the
+    log directory cannot be written, the system's temporary directory takes it and the line says why."""
+    import tempfile
+
+    want = crash_log_dir(log_dir)
+    text = (f"inf-quant {__version__}\nargv: {json.dumps(argv)}\n\n" + "\n".join(_recent) + "\n\n"
+            + "".join(traceback.format_exception(e)))
+    name = f"inf-quant-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    why = ""
+    for d in (want, Path(tempfile.gettempdir()) / "inf-quant-logs"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text)
+        except OSError as err:
+            why = why or f"{want} is not writable ({err.strerror or err}): pass --log-dir or set INF_QUANT_LOG_DIR"
+            continue
+        return f"{d / name}" + (f"; {why}" if why else "")
+    return f"nowhere: {why}, and the temporary directory failed too"
 
 
 def one_line(e: BaseException) -> str:
@@ -118,8 +153,8 @@ def environment_advice(e: OSError) -> str | None:
     import errno
 
     where = e.filename or "a file"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full writing {where}: free space or choose --out on another disk"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a copy's error names its source first, the file written second
+        return f"disk full writing {e.filename2 or where}: free space or choose --out on another disk"
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write {where} ({e.strerror}): choose an output location you can write"
     if e.errno == errno.ENOENT and e.filename:

@@ -18,9 +18,16 @@ class NumericalError(InfQuantError):
     """A numerical step failed (Cholesky after bounded damping, non-finite values, fp16 overflow)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`), raised by the CLI's handler in the main thread: handled like Ctrl-C,
+    so the lock is released and a resumable work directory kept."""
+
+
 def is_oom(e: BaseException) -> bool:
-    """Host (MemoryError) or CUDA (torch.OutOfMemoryError) out of memory; checked by name, torch need not be loaded."""
-    return isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+    """Host (MemoryError, or torch's CPU allocator failing: a RuntimeError "DefaultCPUAllocator: can't allocate
+    memory") or CUDA (torch.OutOfMemoryError) out of memory; checked by name, torch need not be loaded."""
+    return (isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
 
 
 def resumable(e: BaseException) -> bool:

@@ -166,8 +166,6 @@ def export_layout(src: str | Path, out: str | Path, layout: Layout, force: bool 
     that serving engines need.
     """
     from .load import open_checkpoint
-    from .output import replace_dir
-    from .report import VERIFY_OUTPUTS
 
     src, out = Path(src), Path(out)
     ckpt = open_checkpoint(src)
@@ -180,7 +178,42 @@ def export_layout(src: str | Path, out: str | Path, layout: Layout, force: bool 
     if out.resolve() == src.resolve():
         raise ConfigError(f"{out}: the export must go to a new directory, not onto its source")
     staging = out.parent / f".{out.name}.partial"
+    _check_free_space(src, out)
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        return _export(src, out, staging, ckpt)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        e.add_note(f"the unfinished export ({staging.name}) was removed; {out} is unchanged")
+        raise
+
+
+def _existing_parent(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_free_space(src: Path, out: Path) -> None:
+    """Before anything is written: the export needs its rewritten files (config, tokenizer files) where it can
+    hard-link, every carried file where it must copy (another file system), x 1.1 + 16 MiB."""
+    parent = _existing_parent(out.parent.resolve())
+    same_fs = parent.stat().st_dev == src.stat().st_dev
+    files = [p for p in src.iterdir() if p.is_file()]
+    rewritten = {"config.json", "inf_quant.json", "tokenizer_config.json", FAST_TOKENIZER_FILE}
+    need = sum(p.stat().st_size for p in files if not same_fs or p.name in rewritten)
+    need = int(need * 1.1) + 16 * 2**20
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ConfigError(f"{out}: the export needs about {need / 1e9:.2f} GB free on {parent} "
+                          f"({'hard links; rewritten files' if same_fs else 'another file system: every file copied'})"
+                          f", only {free / 1e9:.2f} GB is free; free space or choose an output on another disk")
+
+
+def _export(src: Path, out: Path, staging: Path, ckpt) -> ExportReport:
+    from .output import replace_dir
+    from .report import VERIFY_OUTPUTS
+
     staging.mkdir(parents=True)
     skipped = []
     for p in sorted(q for q in src.iterdir() if q.is_file()):

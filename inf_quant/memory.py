@@ -43,6 +43,17 @@ def rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def _malloc_trim() -> None:
+    """Give glibc's free heap back to the OS (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 class PeakMemory:
     """Peaks from now on: torch's CUDA peak allocation, and on the host the RSS high-water mark above `base_rss`
     (what the process held when this started or was last reset)."""
@@ -59,9 +70,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def reset(self) -> None:
-        """Start a new phase: CUDA peak stats reset; the host high-water mark lowered to the RSS now (Linux
-        /proc/self/clear_refs; where that is not allowed, `hwm_reset` is False and peaks include earlier ones)."""
+        """Start a new phase: CUDA peak stats reset; freed heap returned to the OS (glibc's malloc_trim, so the
+        phase starts from its working set, not from whatever slack the last phase left); the host high-water mark
+        lowered to the RSS now (Linux /proc/self/clear_refs; where that is not allowed, `hwm_reset` is False and
+        peaks include earlier ones)."""
         self._reset_cuda()
+        _malloc_trim()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -169,6 +183,68 @@ def expected_verify_peak(lmap: LayerMap, config: dict, quant_weight_bytes: int, 
     quant = (quant_weight_bytes + T * D * itemsize * 4 + _forward_bytes(d, heads, 1, T, itemsize, flash_attention)
              + 3 * min(logit_chunk_bytes, T * V * 4))
     return Expected({"baseline pass": base, "quantized model": quant}, phases=True)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_free() -> int | None:
+    """The memory cgroup's limit minus its usage (page cache that can be dropped, inactive_file, not counted as
+    used); None where there is no limit. cgroup v2 (/proc/self/cgroup '0::/path'), else v1."""
+    dirs = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            dirs += [f"/sys/fs/cgroup{line.strip()[3:]}".rstrip("/") for line in f if line.startswith("0::")]
+    except OSError:
+        pass
+    for d, limit, usage, stat, inactive in [*((d, "memory.max", "memory.current", "memory.stat", "inactive_file")
+                                              for d in dirs),
+                                            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                             "memory.stat", "total_inactive_file")]:
+        lim, used = _read_int(f"{d}/{limit}"), _read_int(f"{d}/{usage}")
+        if lim is None or used is None or lim >= 2**60:
+            continue
+        cache = 0
+        try:
+            with open(f"{d}/{stat}") as f:
+                cache = next((int(line.split()[1]) for line in f if line.split()[0] == inactive), 0)
+        except OSError:
+            pass
+        return max(0, lim - used + cache)
+    return None
+
+
+def available_bytes(device: torch.device) -> tuple[int | None, str]:
+    """(bytes a run can still take on `device`, what that figure is): on CUDA the free VRAM; on the host
+    MemAvailable (/proc/meminfo), or the memory cgroup's free share when that is lower. (None, ...) where it
+    cannot be read (then nothing is refused)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"{device} (free VRAM)"
+    host = None
+    try:
+        with open("/proc/meminfo") as f:
+            host = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        pass
+    cg = _cgroup_free()
+    if cg is not None and (host is None or cg < host):
+        return cg, "this machine (its memory cgroup's limit less its usage)"
+    return host, "this machine (MemAvailable)"
+
+
+def largest_fitting(expected, upper: int, available: int) -> int:
+    """The largest n in [0, upper] with expected(n) <= available (expected: n -> bytes, non-decreasing)."""
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if expected(mid) <= available else (lo, mid - 1)
+    return lo
 
 
 def gib(n: int | float) -> str:

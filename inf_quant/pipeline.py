@@ -35,7 +35,7 @@ from .gptq_block import gptq_block, set_weight
 from .layermap import LayerMap
 from .load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
 from .lock import output_lock
-from .memory import Expected, PeakMemory, expected_quantize_peak, gib
+from .memory import MEMORY_MARGIN, Expected, PeakMemory, available_bytes, expected_quantize_peak, gib, largest_fitting
 from .qformat import from_tensors
 from .tokenizer import load_tokenizer
 
@@ -100,6 +100,7 @@ def prepare(recipe: Recipe) -> Context:
     log.info("calibration: %d documents, %d tokens; %d windows of %d tokens; output about %.2f GB, peak disk "
              "about %.2f GB", len(docs), sum(map(len, docs)), recipe.calibration.samples, seqlen,
              plan.output_bytes / 1e9, plan.disk_bytes / 1e9)
+    refuse_if_too_big(recipe, ckpt, device, dtype, seqlen)
     ids = sample_windows(docs, recipe.calibration.samples, seqlen, recipe.calibration.seed)
     return Context(recipe, model_dir, ckpt, config, lmap, device, dtype, ids, sha, out_dir, plan.skip)
 
@@ -144,11 +145,31 @@ def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None
 
 def expected_peak(ctx: Context) -> Expected:
     """memory.expected_quantize_peak for this run's shapes and settings (device bytes beyond the process' base)."""
-    r = ctx.recipe
     S, T = ctx.ids.shape
+    return _expected(ctx.recipe, ctx.ckpt, ctx.device, ctx.dtype, S, T)
+
+
+def _expected(r: Recipe, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, S: int, T: int) -> Expected:
     awq = min(S, max(1, r.awq.search_tokens // T)) if r.method is Method.AWQ else 0
-    return expected_quantize_peak(ctx.lmap, ctx.ckpt.config, S, T, r.run.forward_batch, ctx.dtype.itemsize,
-                                  flash_attention=True, awq_samples=awq, on_host=ctx.device.type == "cpu")
+    return expected_quantize_peak(ckpt.layer_map, ckpt.config, S, T, r.run.forward_batch, dtype.itemsize,
+                                  flash_attention=True, awq_samples=awq, on_host=device.type == "cpu")
+
+
+def refuse_if_too_big(r: Recipe, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, seqlen: int) -> None:
+    """Memory foreseen is memory enforced: before the windows are drawn, a run whose expected peak exceeds the
+    memory available on its device (memory.available_bytes) by more than MEMORY_MARGIN is a ConfigError naming
+    the flags that size it and the largest --samples that fits."""
+    avail, where = available_bytes(device)
+    S = r.calibration.samples
+    want = _expected(r, ckpt, device, dtype, S, seqlen).total
+    if avail is None or want <= avail * (1 + MEMORY_MARGIN):
+        return
+    fits = largest_fitting(lambda n: _expected(r, ckpt, device, dtype, n, seqlen).total, S, avail)
+    advice = (f"use --samples {fits} or fewer (the largest that fits), or lower --seqlen" if fits else
+              "even --samples 1 does not fit: lower --seqlen")
+    raise ConfigError(f"not enough memory: --samples {S} x --seqlen {seqlen} (--forward-batch "
+                      f"{r.run.forward_batch}) has an expected peak of {gib(want)} on {device.type}, but {where} has "
+                      f"{gib(avail)} available; {advice}, or run on a machine with more memory")
 
 
 def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerResult], PeakMemory]:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,28 +197,89 @@ def _release(recipes, out: Path, staging: Path, only, resume: bool, force: bool,
     return ReleaseReport(out, tuple(passed), failed, manifest)
 
 
+UNPUBLISHED = ".rejected"   # variants that failed a gate, kept for inspection; listed under 'rejected', not hashed
+
+
+def _plain_name(name, where: str, mf: Path) -> None:
+    """A manifest path must be one plain name inside the release: no separators, no '..', nothing absolute."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0") or \
+            (where == "variant" and name.startswith(".")):
+        raise ConfigError(f"{mf}: not a valid manifest ({where} name {name!r} is not a plain name inside the release, "
+                          "so it could reach files outside it); restore it from the release")
+
+
+def read_manifest(mf: Path) -> dict[str, dict[str, tuple[str, int]]]:
+    """variant -> file -> (sha256, size) from a release's manifest.json; any malformed part is a ConfigError naming
+    it (a manifest is input: a hand edit, a truncated copy, or a tamper that points outside the release)."""
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{mf}: not a valid manifest ({what}); restore it from the release")
+
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise bad("not JSON") from None
+    variants = manifest.get("variants") if isinstance(manifest, dict) else None
+    if not isinstance(variants, dict):
+        raise bad("no 'variants' object")
+    out = {}
+    for name, v in variants.items():
+        _plain_name(name, "variant", mf)
+        files = v.get("files") if isinstance(v, dict) else None
+        if not isinstance(files, dict) or not files:
+            raise bad(f"variants[{name!r}] has no 'files' object")
+        out[name] = {}
+        for fname, want in files.items():
+            _plain_name(fname, "file", mf)
+            where = f"variants[{name!r}].files[{fname!r}]"
+            if not isinstance(want, dict):
+                raise bad(f"{where} is not an object with 'sha256' and 'size'")
+            sha, size = want.get("sha256"), want.get("size")
+            if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+                raise bad(f"{where} has no 'sha256' of 64 hex digits (got {sha!r})")
+            if type(size) is not int or size < 0:
+                raise bad(f"{where} has no 'size' in bytes (got {size!r})")
+            out[name][fname] = (sha, size)
+    return out
+
+
 def check(release_dir: str | Path) -> list[str]:
-    """Re-hash a published release against its manifest: a list of problems (empty = intact)."""
+    """Re-hash a published release against its manifest: a list of problems (empty = intact).
+
+    Complete both ways: every file the manifest lists must be there with its size and sha256, and every file and
+    directory under the release must be in the manifest, except manifest.json itself and .rejected/ (variants that
+    failed a gate, never published). Symlinks are problems, never followed: a release holds plain files. A
+    malformed manifest (not JSON, a missing or mistyped field, a path that is not one plain name inside the
+    release) is a ConfigError before anything is read."""
     d = Path(release_dir)
     mf = d / MANIFEST
     if not mf.is_file():
         raise ConfigError(f"{d}: no {MANIFEST}; is this a release directory written by `inf-quant release`?")
-    try:
-        manifest = json.loads(mf.read_text())
-        entries = manifest["variants"].items()
-    except (ValueError, KeyError, AttributeError):
-        raise ConfigError(f"{mf}: not a valid manifest (not JSON, or no 'variants'); restore it from the "
-                          "release") from None
+    variants = read_manifest(mf)
     problems = []
-    for name, v in entries:
+    for name, files in variants.items():
         vdir = d / name
-        for fname, want in v["files"].items():
+        if vdir.is_symlink() or not vdir.is_dir():
+            problems.append(f"{name}/: {'a symlink, not a directory' if vdir.is_symlink() else 'missing'}")
+            continue
+        for fname, (sha, size) in files.items():
             p = vdir / fname
-            if not p.is_file():
+            if p.is_symlink():
+                problems.append(f"{name}/{fname}: a symlink, not a file")
+            elif not p.is_file():
                 problems.append(f"{name}/{fname}: missing")
-            elif p.stat().st_size != want["size"] or file_sha256(p) != want["sha256"]:
-                problems.append(f"{name}/{fname}: sha256 or size differs from the manifest")
-        if vdir.is_dir():
-            extra = sorted(p.name for p in vdir.iterdir() if p.is_file() and p.name not in v["files"])
-            problems += [f"{name}/{e}: not in the manifest" for e in extra]
+            elif p.stat().st_size != size:
+                problems.append(f"{name}/{fname}: sha256 or size differs from the manifest (size {p.stat().st_size}, "
+                                f"listed {size})")
+            elif file_sha256(p) != sha:
+                problems.append(f"{name}/{fname}: sha256 or size differs from the manifest (same size, another sha256)")
+        for p in sorted(vdir.iterdir()):
+            if p.name not in files:
+                kind = "/" if p.is_dir() and not p.is_symlink() else ""
+                problems.append(f"{name}/{p.name}{kind}: not in the manifest")
+    for p in sorted(d.iterdir()):
+        if p.name == MANIFEST or (p.name == UNPUBLISHED and p.is_dir() and not p.is_symlink()):
+            continue
+        if p.name not in variants:
+            kind = "/" if p.is_dir() and not p.is_symlink() else ""
+            problems.append(f"{p.name}{kind}: not in the manifest")
     return problems

@@ -27,7 +27,7 @@ from .export import architecture
 from .fit import fit_checkpoint
 from .fit_vllm import VllmSettings, fit_checkpoint_vllm
 from .load import open_checkpoint
-from .memory import LOGIT_CHUNK_BYTES, PeakMemory, expected_verify_peak, gib
+from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement
 from .paths import resolve_model_path
 from .report import signed_pct
@@ -116,12 +116,13 @@ def domain_windows(tokenizer, records: list[dict], seqlen: int, max_windows: int
     return torch.cat(rows), doms
 
 
-def quantized_stats(model, windows: torch.Tensor, base, chunk_bytes: int = LOGIT_CHUNK_BYTES):
+def quantized_stats(model, windows: torch.Tensor, base, chunk_bytes: int = LOGIT_CHUNK_BYTES, progress=None):
     """Target log-prob, KL and top-1 agreement of the loaded quantized model, each [S, T-1] fp32 on the host.
 
     One window at a time (batch 1), no KV cache: the decoder's final hidden states [T, D], then lm_head and
     log_softmax over chunks of C = chunk_bytes / (4 V) positions, so only per-position results leave a chunk.
     Device memory beyond the weights: one window's activations + about 3 x [C, V] fp32 (logits, log-probs, exp).
+    progress("scoring", done, total), if given, after each window.
     """
     dev = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -142,6 +143,8 @@ def quantized_stats(model, windows: torch.Tensor, base, chunk_bytes: int = LOGIT
                 kl[s, rows] = kl_topk(top_lp, top_id, logp)
                 agree[s, rows] = top1_agreement(top_id, logp)
                 del logp
+            if progress:
+                progress("scoring", s + 1, n)
     return tgt, kl, agree
 
 
@@ -206,7 +209,8 @@ def measure_vram(model, vocab: int, context: int, device: torch.device) -> dict 
             "peak_reserved_bytes": torch.cuda.max_memory_reserved(device), "process_used_bytes": used}
 
 
-def verify(cfg: VerifyConfig) -> VerifyReport:
+def verify(cfg: VerifyConfig, progress=None) -> VerifyReport:
+    """progress(phase, done, total), if given: phase "baseline" (layers x passes) then "scoring" (windows)."""
     qdir = Path(cfg.quantized)
     bdir = resolve_model_path(cfg.baseline)
     qckpt, bckpt = open_checkpoint(qdir), open_checkpoint(bdir)
@@ -216,15 +220,16 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     max_pos = int(bckpt.config.get("max_position_embeddings", cfg.seqlen))
     windows, doms = domain_windows(load_tokenizer(bdir, cfg.trust_remote_code), read_records(eval_file),
                                    min(cfg.seqlen, max_pos), cfg.max_windows)
+    refuse_if_too_big(bckpt, qdir, windows, cfg, device, dtype)
     mem = PeakMemory(device)
     mem.reset()
     start_rss = mem.base_rss
     base = baseline_stats(bckpt, windows, cfg.top_k, device, dtype, cfg.cache_dir,
-                          trust_remote_code=cfg.trust_remote_code, budget_gib=cfg.baseline_gib)
+                          trust_remote_code=cfg.trust_remote_code, budget_gib=cfg.baseline_gib, progress=progress)
     phases = {"baseline": _phase_peak(mem)}
     model = load_quantized(qdir, device, dtype, cfg.trust_remote_code)
     mem.reset()                   # the scoring phase, on top of the loaded model
-    tgt, kl, agree = quantized_stats(model, windows, base)
+    tgt, kl, agree = quantized_stats(model, windows, base, progress=progress)
     phases["scoring"] = _phase_peak(mem)
     own = _own_peak(mem, bckpt, qdir, windows, cfg, dtype, phases, start_rss)
     metrics = {"all": summarize(base.target_logp, tgt, kl, agree)}
@@ -279,16 +284,35 @@ def _phase_peak(mem: PeakMemory) -> dict:
                                                                         "added_bytes": rss - mem.base_rss}
 
 
+def _expected(bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, dtype, on_host: bool):
+    """(the quantized weights' bytes, memory.expected_verify_peak for this run)."""
+    from .fit import checkpoint_bytes
+
+    weights = checkpoint_bytes(qdir)[1]
+    return weights, expected_verify_peak(bckpt.layer_map, bckpt.config, weights, len(windows), windows.shape[1], 4,
+                                         dtype.itemsize, True, cfg.baseline_gib, on_host=on_host)
+
+
+def refuse_if_too_big(bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, device: torch.device,
+                      dtype) -> None:
+    """Before the baseline: a verify whose expected peak exceeds the memory available on its device by more than
+    MEMORY_MARGIN is a ConfigError naming the flags that size it."""
+    avail, where = available_bytes(device)
+    exp = _expected(bckpt, qdir, windows, cfg, dtype, on_host=device.type != "cuda")[1]
+    if avail is None or exp.total <= avail * (1 + MEMORY_MARGIN):
+        return
+    raise ConfigError(f"not enough memory: verify of {qdir} ({len(windows)} windows of --seqlen {windows.shape[1]}, "
+                      f"--baseline-gib {cfg.baseline_gib:g}) has an expected peak of {gib(exp.total)} on "
+                      f"{device.type} ({exp.describe()}), but {where} has {gib(avail)} available; lower "
+                      "--baseline-gib or --seqlen, or run on a machine with more memory")
+
+
 def _own_peak(mem: PeakMemory, bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, dtype,
               phases: dict, start_rss: int) -> dict:
     """verify's own peak: measured per phase (the layer-streamed baseline; the quantized model's scoring, on top
     of the loaded model) and expected (memory.expected_verify_peak). On CUDA torch's peak allocation; on CPU the
     process' RSS high-water mark, the expectation on top of the RSS held when verify started scoring."""
-    from .fit import checkpoint_bytes
-
-    weights = checkpoint_bytes(qdir)[1]
-    exp = expected_verify_peak(bckpt.layer_map, bckpt.config, weights, len(windows),
-                               windows.shape[1], 4, dtype.itemsize, True, cfg.baseline_gib, on_host=not mem.cuda)
+    weights, exp = _expected(bckpt, qdir, windows, cfg, dtype, on_host=not mem.cuda)
     # per phase, like for like with phases[...]["added_bytes"]: on CPU the scoring is measured above the loaded model
     per_phase = {"baseline": exp.terms["baseline pass"],
                  "scoring": exp.terms["quantized model"] - (0 if mem.cuda else weights)}
