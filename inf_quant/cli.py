@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-steps", type=int, help="range-shrink candidates per group searched for the least "
                                                    "error; 0 = plain min/max (default: see README)")
     g.add_argument("--damp", type=float, help="damping, fraction of mean diag(H) (default 0.01)")
+    g.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="also quantize the lm_head (default off; INF layout only: vLLM with integrations/vllm, "
+                        "transformers through the copied modeling code)")
     a = sub.add_parser("awq", help="AWQ 4-bit quantization (gemm format)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _quant_args(a, (4,))
@@ -185,7 +188,8 @@ def recipe_from_args(args: argparse.Namespace):
         q.update(_given(solve=WeightSolve(args.solve) if args.solve else None))
     if method is Method.GPTQ:
         q.update(_given(sym=args.sym, order=Order(args.order) if args.order else None,
-                        static_groups=args.static_groups, damp=args.damp, clip_steps=args.clip_steps))
+                        static_groups=args.static_groups, damp=args.damp, clip_steps=args.clip_steps,
+                        lm_head=args.lm_head))
     return Recipe(
         method=method,
         model=ModelConfig(path=args.model or "bundled", trust_remote_code=args.trust_remote_code,

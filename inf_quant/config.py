@@ -50,6 +50,7 @@ class GPTQConfig:
     clip_steps: int = 20         # per-group range shrink candidates searched for the least error; 0 = min/max
     clip_max_shrink: float = 0.2  # the smallest range tried is (1 - clip_max_shrink) x min/max
     clip_norm: float = 2.4       # error = sum |w - q|^clip_norm (the GPTQ reference's find_params(mse=True))
+    lm_head: bool = False        # also GPTQ the lm_head (head.py; `lm_head: true` for GPTQModel and vLLM)
 
     def __post_init__(self):
         if self.bits not in (4, 8):

@@ -173,6 +173,10 @@ def export_layout(src: str | Path, out: str | Path, layout: Layout, force: bool 
         raise CheckpointError(f"{src}: export --as {layout.value} takes an inflm checkpoint; this one is model_type "
                               f"{ckpt.model_type!r}")
     check_layout(ckpt.config, layout, str(src))
+    if (ckpt.config.get("quantization_config") or {}).get("lm_head"):
+        from .preflight import check_quantized_head
+
+        check_quantized_head(ckpt.config, layout.value, f"{src}: its quantized lm_head")
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another output directory")
     if out.resolve() == src.resolve():

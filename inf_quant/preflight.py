@@ -292,6 +292,21 @@ def _calib_files(source: str) -> tuple[tuple[Path, ...], bool]:
     return calibration_files(source), source not in MIXES
 
 
+def check_quantized_head(config: dict, layout: str, what: str) -> None:
+    """A GPTQ lm_head only where every loader of the output computes with it: an INF checkpoint in the inflm layout
+    (vLLM through integrations/vllm; transformers through the modeling code copied into the output). transformers'
+    GPTQ loader converts block linears only, so its own StableLM / Llama classes would leave the head randomly
+    initialised with nothing but a warning."""
+    if config.get("model_type") != "inflm":
+        raise ConfigError(f"{what}: a quantized lm_head is written only for INF (model_type inflm) checkpoints; "
+                          f"this one is model_type {config.get('model_type')!r}, whose transformers class would load "
+                          f"the head randomly initialised; drop {what}")
+    if layout != "inflm":
+        raise ConfigError(f"{what}: a quantized lm_head needs the inflm layout (its modeling code dequantizes the "
+                          f"head; transformers' StableLM would load it randomly initialised); drop --serve-as {layout} "
+                          f"or {what}")
+
+
 def for_quantize(recipe) -> QuantizePlan:
     """Everything a gptq/awq run needs checked before it starts (module docstring)."""
     from .paths import default_out_dir, resolve_model_path
@@ -302,6 +317,8 @@ def for_quantize(recipe) -> QuantizePlan:
     lmap = layer_map_for(ck.config.get("model_type", ""))
     skip = resolve_skip(recipe.skip, lmap, int(ck.config["num_hidden_layers"]), recipe.method.value)
     check_group_sizes(ck, lmap, recipe.method.value, recipe.group_size, skip)
+    if recipe.method.value == "gptq" and recipe.gptq.lm_head:
+        check_quantized_head(ck.config, recipe.output.serve_as.value, "--lm-head")
     max_pos = int(ck.config.get("max_position_embeddings") or 2048)
     if recipe.calibration.seqlen > max_pos:
         raise ConfigError(f"--seqlen {recipe.calibration.seqlen} exceeds the model's max_position_embeddings="
