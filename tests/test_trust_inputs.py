@@ -148,7 +148,7 @@ def _(t):
     return _gptq(t, model=_edit_config(t.model(), tie_word_embeddings="no"))
 
 
-@case("config-model-type-not-string", 2, "config.json: model_type=['inflm'] must be a string")
+@case("config-model-type-not-string", 2, "config.json: model_type=['inflm'] must be a string", "e.g. 'inflm'")
 def _(t):
     return _gptq(t, model=_edit_config(t.model(), model_type=["inflm"]))
 
@@ -402,3 +402,13 @@ def test_nan_is_named_when_its_layer_is_read_not_when_it_is_solved(tmp_path, mon
     assert code == 2 and solved == [0], err
     assert "model.layers.1.self_attn.q_proj.weight holds NaN or inf" in err
     assert not (tmp_path / ".q.partial").exists() and not (tmp_path / "q").exists()
+
+
+def test_an_export_is_marked_as_inf_quant_output_so_force_may_replace_it(tmp_path):
+    """export writes inf_quant.json for a bf16 source too: a re-export with --force replaces its own output."""
+    m = build_tiny_checkpoint(tmp_path / "m", "inflm")
+    assert cli("export", "--as", "stablelm", m, tmp_path / "s")[0] == 0
+    assert json.loads((tmp_path / "s" / "inf_quant.json").read_text())["layout"] == "stablelm"
+    first = snapshot(tmp_path / "s")
+    assert cli("export", "--as", "stablelm", m, tmp_path / "s", "--force")[0] == 0
+    assert snapshot(tmp_path / "s") == first
