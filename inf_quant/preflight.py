@@ -231,8 +231,11 @@ def check_output(out: str | Path, inputs: dict[str, Path], force: bool, resume: 
                               "choose another output directory")
     if o.exists() and not o.is_dir():
         raise ConfigError(f"{what} {out} is a file, not a directory; remove it or choose another output directory")
-    cwd = resolved(os.getcwd())
-    if replaced and cwd.is_relative_to(o):
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was removed: nothing of it to protect
+        cwd = None
+    if replaced and cwd is not None and cwd.is_relative_to(o):
         raise ConfigError(f"{what} {out} is the current directory or one above it ({cwd}); the finished output "
                           "replaces that directory by a rename, which would pull it out from under this shell: "
                           "choose a new directory, e.g. --out ./quantized")
