@@ -20,6 +20,7 @@ Nothing here imports torch, transformers or safetensors.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -38,7 +39,7 @@ PICKLES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.pt", "pyt
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
             "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 FLOAT_DTYPES = ("BF16", "F16", "F32")  # what an unquantized input checkpoint may hold
-OUTPUT_MARKER = "inf_quant.json"       # written into every quantized output (output.write_configs)
+OUTPUT_MARKER = "inf_quant.json"       # in every output inf-quant writes (output.write_configs, export)
 MAX_HEADER = 100 * 2**20   # the safetensors reference's own limit
 DISK_MARGIN = 1.1
 DISK_SLACK = 64 * 2**20
@@ -75,7 +76,9 @@ class CheckedCheckpoint:
 def resolved(path: str | Path) -> Path:
     try:
         return Path(path).expanduser().resolve()
-    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError on a loop, newer ones OSError(ELOOP)
+    except (RuntimeError, OSError) as e:  # a loop: RuntimeError before Python 3.13, OSError(ELOOP) after
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            raise ConfigError(f"{path}: cannot be resolved ({e.strerror}); pass a path you can read") from None
         raise ConfigError(f"{path}: a symlink loop (following its links comes back to itself); fix or remove the "
                           "link, or pass the real directory") from None
 
