@@ -124,23 +124,18 @@ def torch_dtype(name: str, path: Path) -> torch.dtype:
                               f"{', '.join(ST_DTYPES)}); convert the checkpoint to bf16") from None
 
 
-FINITE_CHUNK = 2**24  # elements per isfinite pass: a 16 MB mask, whatever the tensor's size
-
-
 def check_finite(name: str, t: torch.Tensor, path: Path) -> None:
-    """A floating-point tensor read from a checkpoint holds no NaN/inf: one elementwise pass (its bool mask made
-    FINITE_CHUNK elements at a time), cheap next to the solve, so a damaged weight is named when its layer is read
-    instead of when it is solved."""
-    if not t.is_floating_point():
+    """A floating-point tensor read from a checkpoint holds no NaN/inf, so a damaged weight is named when its
+    layer is read instead of when it is solved. One aminmax pass (NaN propagates into it, inf is its min or max):
+    no mask is allocated, ~12 ms for 67M bf16 weights on this CPU (isfinite().all(): 0.5 s and one byte per weight)."""
+    if not t.is_floating_point() or not t.numel():
         return
-    flat = t.reshape(-1)
-    for start in range(0, flat.numel(), FINITE_CHUNK):
-        chunk = flat[start:start + FINITE_CHUNK]
-        bad = (~torch.isfinite(chunk)).nonzero()
-        if bad.numel():
-            first = [int(i) for i in torch.unravel_index(bad[0, 0] + start, t.shape)]
-            raise CheckpointError(f"{path}: tensor {name} holds NaN or inf values (first at index {first}); the "
-                                  "checkpoint is damaged: re-download or restore it")
+    lo, hi = torch.aminmax(t)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return
+    first = [int(i) for i in (~torch.isfinite(t)).nonzero()[0]]
+    raise CheckpointError(f"{path}: tensor {name} holds NaN or inf values (first at index {first}); the checkpoint "
+                          "is damaged: re-download or restore it")
 
 
 def read_safetensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
