@@ -2,8 +2,8 @@
 one `inf-quant: …` line naming the object and the fix, no traceback, every file under the test root unchanged),
 plus the lock-first, `--force`-scope and recipe behaviours they stand for.
 
-Cost: ~30 pre-flight cases at milliseconds each, 2 that quantize the tiny model part-way (NaN), 3 full tiny runs
-(empty --out, lock order, recipe paths), 1 pair of concurrent CLI processes (~15 s on 2 cores).
+Cost: ~15 s on 2 cores: 33 pre-flight cases at milliseconds each, 2 that quantize the tiny model part-way (NaN),
+a few full tiny runs (--force, lock order, recipe paths, export), one pair of concurrent CLI processes (~6 s).
 """
 
 from __future__ import annotations
