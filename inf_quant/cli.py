@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from . import __version__
 from .console import crash_log, environment_advice, library_stdout, one_line, sigterm_as_interrupt, terminal
@@ -264,13 +265,16 @@ class _PhaseProgress:
 def _quantize(args) -> int:
     from . import preflight
 
+    from .lock import output_lock
+
+    t0 = time.monotonic()
     recipe = recipe_from_args(args)
-    preflight.for_quantize(recipe)  # before torch is imported
+    plan = preflight.for_quantize(recipe)  # before torch is imported
+    with output_lock(plan.out_dir):  # a second run on this output is refused now, not after tokenizing
+        from .pipeline import quantize_locked
 
-    from .pipeline import quantize
-
-    with library_stdout(args):
-        report = quantize(recipe, progress=_Progress(args.quiet or args.json))
+        with library_stdout(args):
+            report = quantize_locked(recipe, plan, _Progress(args.quiet or args.json), t0)
     print(json.dumps(report.summary(), sort_keys=True) if args.json else report.to_text())
     return 0
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 MIN_SEQLEN = 16  # tokens per calibration/eval window: below this a window says little about attention
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch's Generator takes it too
 
 
 def _check_group_size(section: str, group_size: int) -> None:
@@ -173,6 +174,9 @@ class CalibConfig:
     def __post_init__(self):
         if self.samples < 1:
             raise ConfigError(f"calibration.samples must be >= 1, got {self.samples}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"calibration.seed (--seed) must be in 0..{MAX_SEED} (what torch and numpy generators "
+                              f"accept), got {self.seed}")
         if self.seqlen and self.seqlen < MIN_SEQLEN or self.seqlen < 0:
             raise ConfigError(f"calibration.seqlen (--seqlen) must be >= {MIN_SEQLEN} tokens (or 0 for the model "
                               f"default), got {self.seqlen}")
@@ -336,16 +340,57 @@ def from_dict(cls, data, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _unique_key_loader(path: Path):
+    """A yaml SafeLoader that refuses a key given twice in one mapping (yaml itself keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            self.flatten_mapping(node)  # merge keys (<<) first, as SafeConstructor does
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(f"{path}:{line}: duplicate key {key!r} (first on line {seen[key]}); keep "
+                                          "one of them")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: yaml's own error says so below
+                    continue
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
+# recipe fields that name files or directories: relative ones are relative to the recipe file's directory
+PATH_FIELDS = {("model", "path"): ("bundled", ""), ("calibration", "source"): ("bundled", "bundled-chat", "bundled-mix"),
+               ("output", "dir"): ("",), ("verify", "eval"): ("bundled-eval",), ("verify", "cache_dir"): ("",)}
+
+
+def _anchor_paths(data: dict, base: Path) -> None:
+    """Make the recipe's relative paths relative to `base` (the recipe's directory), not to the working directory
+    of whoever runs it; keywords (bundled, ...) and empty values stay as they are."""
+    for (section, key), keywords in PATH_FIELDS.items():
+        sec = data.get(section)
+        v = sec.get(key) if isinstance(sec, dict) else None
+        if isinstance(v, str) and v not in keywords and not Path(v).expanduser().is_absolute():
+            sec[key] = str(base / v)
+
+
 def load_recipe(path) -> Recipe:
-    """A recipe YAML file -> Recipe. `name` defaults to the file's stem and must match it when given."""
+    """A recipe YAML file -> Recipe. `name` defaults to the file's stem and must match it when given. A key given
+    twice is an error; relative paths in it are relative to the recipe file (PATH_FIELDS)."""
     import yaml
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader(path))
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the recipe ({e})") from e
+        raise ConfigError(f"{path}: cannot read the recipe ({' '.join(str(e).split())})") from None
     where = path.name
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (method:, model:, gptq:, ...), but this file's "
+                          f"top level is a {type(data).__name__}; write it as 'key: value' lines")
     data = dict(data or {})
     data.setdefault("name", path.stem)
     if data["name"] != path.stem:
@@ -353,4 +398,5 @@ def load_recipe(path) -> Recipe:
     for key in ("quantized", "baseline", "report_dir"):
         if key in (data.get("verify") or {}):
             raise ConfigError(f"{where}.verify.{key}: set by `inf-quant release`, not by recipes")
+    _anchor_paths(data, path.resolve().parent)
     return from_dict(Recipe, data, where)

@@ -23,6 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import __version__
 from .config import Layout
 from .errors import CheckpointError, ConfigError
 from .fast_tokenizer import FAST_TOKENIZER_FILE, fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
@@ -231,9 +232,10 @@ def _export(src: Path, out: Path, staging: Path, ckpt) -> ExportReport:
             _link_or_copy(p, staging / p.name)  # tokenizer.json, if regenerated, is replaced, never written through
     cfg = apply_layout({k: v for k, v in ckpt.config.items() if k != "auto_map"}, staging, layout, str(src))
     write_json(staging / "config.json", cfg)
-    if (src / "inf_quant.json").is_file():
-        record = json.loads((src / "inf_quant.json").read_text(encoding="utf-8"))
-        write_json(staging / "inf_quant.json", {**record, "layout": layout.value, "exported_from": src.name})
+    # every output inf-quant writes carries inf_quant.json, the mark `--force` looks for (a bf16 source has none)
+    record = json.loads((src / "inf_quant.json").read_text(encoding="utf-8")) if (src / "inf_quant.json").is_file() \
+        else {"inf_quant_version": __version__}
+    write_json(staging / "inf_quant.json", {**record, "layout": layout.value, "exported_from": src.name})
     names = sorted(p.name for p in staging.iterdir())
     linked = [n for n in names if (src / n).is_file() and os.path.samefile(src / n, staging / n)]
     copied = [n for n in names if n not in linked]

@@ -6,8 +6,10 @@ Adding a Llama-shaped family means adding an entry to LAYER_MAPS, never a class.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from .errors import CheckpointError
 
@@ -73,6 +75,63 @@ LAYER_MAPS = {
     "stablelm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS,
                          LLAMA_SHAPES),
 }
+
+
+# config.json fields the code reads (config_dims below, memory.py, the transformers config built from it)
+NEEDED_INTS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # null / absent: derived or default
+OPTIONAL_FLOATS = ("rope_theta", "layer_norm_eps", "rms_norm_eps")
+OPTIONAL_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")  # they decide which tensors exist
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config(config: dict, path: Path) -> None:
+    """Every config.json value the code reads has its type and range: one line naming the file, key and value.
+    (Checked once, in pre-flight, so config_dims and the transformers config can take them as they are.)"""
+    where = path / "config.json"
+
+    def bad(key: str, rule: str):
+        return CheckpointError(f"{where}: {key}={config_value(config, key)!r} must be {rule}; correct it in "
+                               "config.json (it must describe the checkpoint's tensors)")
+
+    for key in NEEDED_INTS:
+        if key not in config:
+            raise CheckpointError(f"{path}: config.json lacks or mangles {key!r}: it is missing ("
+                                  f"{', '.join(NEEDED_INTS)} are needed); restore the model's config.json")
+    for key in NEEDED_INTS + OPTIONAL_INTS:
+        v = config.get(key)
+        if (key in NEEDED_INTS or v is not None) and not (_is_int(v) and v > 0):
+            raise bad(key, "a positive integer (a JSON number without quotes or decimals)")
+    rope = config.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        raise bad("rope_parameters", "an object ({\"rope_theta\": ..., \"rope_type\": ...}) or absent")
+    for key in OPTIONAL_FLOATS + ("rope_parameters.rope_theta",):
+        v = config_value(config, key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v > 0):
+            raise bad(key, "a finite number > 0")
+    for key in OPTIONAL_BOOLS:
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise bad(key, "true or false")
+    for key in ("model_type", "hidden_act"):
+        if not isinstance(config.get(key, ""), str):
+            raise bad(key, "a string (e.g. " + ("'inflm')" if key == "model_type" else "'silu')"))
+    heads, kv, head_dim = (config.get(k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    if kv is not None and heads % kv:
+        raise bad("num_key_value_heads", f"a divisor of num_attention_heads={heads}")
+    if head_dim is None and config["hidden_size"] % heads:
+        raise bad("hidden_size", f"divisible by num_attention_heads={heads} (or give head_dim)")
+
+
+def config_value(config: dict, key: str):
+    """config[key], or a nested value for 'section.key' (None where absent)."""
+    v = config
+    for part in key.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
 
 
 def config_dims(config: dict) -> dict[str, int]:

@@ -24,7 +24,7 @@ from torch import nn
 from .config import Layout
 from .errors import CheckpointError
 from .layermap import LayerMap, layer_map_for
-from .preflight import PICKLES, check_checkpoint
+from .preflight import PICKLES, check_checkpoint, read_header
 
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32,
              "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64, "BOOL": torch.bool}
@@ -82,14 +82,16 @@ class Checkpoint:
         for fname, keys in sorted(by_file.items()):
             if self.pickle:
                 sd = torch.load(self.path / fname, map_location="cpu", mmap=True, weights_only=True)
-                out.update({k: sd[k].to(device, copy=True) for k in keys})
+                got = {k: sd[k].to(device, copy=True) for k in keys}
                 del sd
-                continue
-            if torch.device(device).type == "cpu":
-                out.update(read_safetensors(self.path / fname, keys))
-                continue
-            with safe_open(str(self.path / fname), framework="pt", device=str(device)) as f:
-                out.update({k: f.get_tensor(k) for k in keys})
+            elif torch.device(device).type == "cpu":
+                got = read_safetensors(self.path / fname, keys)
+            else:
+                with safe_open(str(self.path / fname), framework="pt", device=str(device)) as f:
+                    got = {k: f.get_tensor(k) for k in keys}
+            for k, t in got.items():
+                check_finite(k, t, self.path / fname)
+            out.update(got)
         return {n: out[n] for n in names}
 
     def read_prefix(self, prefix: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -106,37 +108,54 @@ class Checkpoint:
         return self._infos[name]
 
 
-def _read_header(f) -> tuple[int, dict]:
-    """(header length n, header) of an open safetensors file; its data starts at byte 8 + n."""
-    (n,) = struct.unpack("<Q", f.read(8))
-    return n, json.loads(f.read(n))
-
-
 def safetensors_header(path: Path) -> dict:
+    """The raw header of a safetensors file this package wrote (a work layer); checkpoints are read through
+    preflight.read_header, which checks it against the file."""
     with open(path, "rb") as f:
-        return _read_header(f)[1]
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def torch_dtype(name: str, path: Path) -> torch.dtype:
+    try:
+        return ST_DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"{path}: holds {name} tensors, which inf-quant does not read (it reads "
+                              f"{', '.join(ST_DTYPES)}); convert the checkpoint to bf16") from None
+
+
+def check_finite(name: str, t: torch.Tensor, path: Path) -> None:
+    """A floating-point tensor read from a checkpoint holds no NaN/inf, so a damaged weight is named when its
+    layer is read instead of when it is solved. One aminmax pass (NaN propagates into it, inf is its min or max):
+    no mask is allocated, ~12 ms for 67M bf16 weights on this CPU (isfinite().all(): 0.5 s and one byte per weight)."""
+    if not t.is_floating_point() or not t.numel():
+        return
+    lo, hi = torch.aminmax(t)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return
+    first = [int(i) for i in (~torch.isfinite(t)).nonzero()[0]]
+    raise CheckpointError(f"{path}: tensor {name} holds NaN or inf values (first at index {first}); the checkpoint "
+                          "is damaged: re-download or restore it")
 
 
 def read_safetensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     """These tensors of one safetensors file as fresh host tensors (the same bytes safe_open gives), each read
     with readinto at its header offsets: a read releases the GIL, so another thread's compute goes on meanwhile.
-    The header was checked when the checkpoint was opened (preflight.check_checkpoint)."""
-    out = {}
+    The header is parsed and checked against the file by preflight.read_header (the one header parser)."""
+    out, header = {}, read_header(path)
     with open(path, "rb", buffering=0) as f:
-        n, header = _read_header(f)
         for k in keys:
             h = header[k]
-            begin, end = h["data_offsets"]
-            buf = torch.empty(end - begin, dtype=torch.uint8)
+            buf = torch.empty(h.stop - h.start, dtype=torch.uint8)
             view, got = memoryview(buf.numpy()), 0
-            f.seek(8 + n + begin)
+            f.seek(h.start)
             while got < len(view):
                 r = f.readinto(view[got:])
                 if not r:
-                    raise CheckpointError(f"{path}: ends inside tensor {k} (bytes {begin}..{end} of its data); "
+                    raise CheckpointError(f"{path}: ends inside tensor {k} (bytes {h.start}..{h.stop}); "
                                           "the file is truncated, download it again")
                 got += r
-            out[k] = buf.view(ST_DTYPES[h["dtype"]]).reshape(h["shape"])
+            out[k] = buf.view(torch_dtype(h.dtype, path)).reshape(h.shape)
     return out
 
 
@@ -147,9 +166,8 @@ def _read_infos(ckpt: Checkpoint) -> dict[str, TensorInfo]:
             sd = torch.load(ckpt.path / fname, map_location="meta", mmap=True, weights_only=True)
             infos.update({k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in sd.items()})
             continue
-        for k, v in safetensors_header(ckpt.path / fname).items():
-            if k != "__metadata__":
-                infos[k] = TensorInfo(ST_DTYPES[v["dtype"]], tuple(v["shape"]))
+        for k, v in read_header(ckpt.path / fname).items():
+            infos[k] = TensorInfo(torch_dtype(v.dtype, ckpt.path / fname), v.shape)
     return infos
 
 

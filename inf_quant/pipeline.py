@@ -72,9 +72,10 @@ class Context:
     skip: frozenset = frozenset()  # full names of linears left in bf16 (recipe.skip, resolved)
 
 
-def prepare(recipe: Recipe) -> Context:
-    """Pre-flight (preflight.for_quantize: paths, shards, disk, text), then the config, tokenizer and windows."""
-    plan = preflight.for_quantize(recipe)
+def prepare(recipe: Recipe, plan: preflight.QuantizePlan | None = None) -> Context:
+    """Pre-flight (preflight.for_quantize: paths, shards, disk, text; unless its plan is given), then the config,
+    tokenizer and windows."""
+    plan = plan or preflight.for_quantize(recipe)
     model_dir, out_dir = plan.model_dir, plan.out_dir
     ckpt = open_checkpoint(model_dir, recipe.model.allow_pickle)
     lmap = ckpt.layer_map
@@ -130,17 +131,27 @@ def quantize_layer(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor,
 
 
 def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None = None) -> output.QuantizeReport:
-    """Quantize recipe.model with recipe.method into recipe.output.dir (atomically). See module docstring."""
+    """Quantize recipe.model with recipe.method into recipe.output.dir (atomically). See module docstring. The
+    output's lock is taken right after pre-flight, before the tokenizer or any tensor is read."""
     t0 = time.monotonic()
-    ctx = prepare(recipe)
-    with output_lock(ctx.out_dir):
-        work = output.open_work_dir(ctx)
-        try:
-            results, peak = _layers(ctx, work, progress)
-            return output.publish(ctx, work, results, time.monotonic() - t0, peak)
-        except BaseException as e:
-            output.abandon(work, e)
-            raise
+    plan = preflight.for_quantize(recipe)
+    with output_lock(plan.out_dir):
+        return quantize_locked(recipe, plan, progress, t0)
+
+
+def quantize_locked(recipe: Recipe, plan: preflight.QuantizePlan, progress=None,
+                    t0: float | None = None) -> output.QuantizeReport:
+    """quantize() for a caller that ran pre-flight (plan) and holds the output lock (lock.output_lock(plan.out_dir)),
+    as the CLI does before importing torch."""
+    t0 = time.monotonic() if t0 is None else t0
+    ctx = prepare(recipe, plan)
+    work = output.open_work_dir(ctx)
+    try:
+        results, peak = _layers(ctx, work, progress)
+        return output.publish(ctx, work, results, time.monotonic() - t0, peak)
+    except BaseException as e:
+        output.abandon(work, e)
+        raise
 
 
 def expected_peak(ctx: Context) -> Expected:
@@ -236,4 +247,4 @@ def _ranges(idx: list[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
 
 
-__all__ = ["quantize", "prepare", "LayerResult", "Context"]
+__all__ = ["quantize", "quantize_locked", "prepare", "LayerResult", "Context"]

@@ -3,10 +3,14 @@ heavy work starts. Each failure is one ConfigError/CheckpointError line naming t
 
 What is checked (the catalogue in docs/ERRORS.md has a test for each):
   paths     every path resolved (symlinks too); the output never equal to, inside, or containing an input; the
-            output not a file; the output's nearest existing parent a writable directory
-  shards    config.json parses; every shard's safetensors header parses, its tensors' byte ranges lie inside the
-            file (a truncated download is caught here) and match dtype x shape; the index names only tensors its
-            shards hold; every tensor the config implies is present with its shape (bf16 inputs)
+            output not a file, not the current directory or above it; an existing output is replaced only if
+            inf-quant wrote it (its inf_quant.json; empty directories too); the nearest existing parent writable
+  config    config.json parses and every field the code reads has its type and range (check_config): counts are
+            ints > 0 (not "256", 256.9 or true), rope_theta / norm eps finite floats > 0, model_type a string
+  shards    every shard's safetensors header parses, its tensors' byte ranges lie inside the file (a truncated
+            download is caught here) and match dtype x shape; the index names only tensors its shards hold; a bf16
+            input holds only BF16/F16/F32 tensors, exactly the layers 0..num_hidden_layers-1, and every tensor the
+            config implies with its shape
   disk      free space >= the run's peak use on the output's file system x 1.1 (+ 64 MiB): the work directory's
             finished layers plus the assembled output (estimate_output_bytes)
   text      calibration / eval files are UTF-8, non-empty, records well-formed (tokens are counted after the
@@ -16,23 +20,26 @@ Nothing here imports torch, transformers or safetensors.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import resolve_group_size
 from .errors import CheckpointError, ConfigError
-from .layermap import LayerMap, expected_tensors, layer_map_for
+from .layermap import LayerMap, check_config, expected_tensors, layer_map_for
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.pt", "pytorch_model.pt")
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
             "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_DTYPES = ("BF16", "F16", "F32")  # what an unquantized input checkpoint may hold
+OUTPUT_MARKER = "inf_quant.json"       # in every output inf-quant writes (output.write_configs, export)
 MAX_HEADER = 100 * 2**20   # the safetensors reference's own limit
 DISK_MARGIN = 1.1
 DISK_SLACK = 64 * 2**20
@@ -43,6 +50,8 @@ REDOWNLOAD = "the file is damaged or truncated; re-download or re-copy it"
 class Tensor:
     dtype: str
     shape: tuple[int, ...]
+    start: int = field(default=0, compare=False)  # byte range of its data in the file (absolute offsets)
+    stop: int = field(default=0, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -65,7 +74,13 @@ class CheckedCheckpoint:
 
 
 def resolved(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # a loop: RuntimeError before Python 3.13, OSError(ELOOP) after
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            raise ConfigError(f"{path}: cannot be resolved ({e.strerror}); pass a path you can read") from None
+        raise ConfigError(f"{path}: a symlink loop (following its links comes back to itself); fix or remove the "
+                          "link, or pass the real directory") from None
 
 
 def read_header(path: Path) -> dict[str, Tensor]:
@@ -101,7 +116,7 @@ def read_header(path: Path) -> dict[str, Tensor]:
         if end > payload:
             raise CheckpointError(f"{path}: tensor {name} needs bytes up to {end + 8 + n:,} but the file has "
                                   f"{size:,}; {REDOWNLOAD}")
-        out[name] = t
+        out[name] = Tensor(t.dtype, t.shape, 8 + n + begin, 8 + n + end)
     return out
 
 
@@ -127,6 +142,7 @@ def check_checkpoint(path: str | Path, allow_pickle: bool = False, bf16_input: b
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{path}: config.json is missing; this does not look like a transformers checkpoint")
     config = _json_file(p / "config.json", "config.json")
+    check_config(config, p)
     if (p / SAFE_INDEX).is_file():
         wm = _json_file(p / SAFE_INDEX, SAFE_INDEX).get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
@@ -162,10 +178,33 @@ def check_checkpoint(path: str | Path, allow_pickle: bool = False, bf16_input: b
     return ck
 
 
+def _span(idx: list[int]) -> str:
+    """'2..5' for consecutive indices, else '{1, 4, 7}'."""
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        return f"{idx[0]}" if len(idx) == 1 else f"{idx[0]}..{idx[-1]}"
+    return "{" + ", ".join(map(str, idx[:8])) + (", ..." if len(idx) > 8 else "") + "}"
+
+
 def check_tensors(ck: CheckedCheckpoint, lmap: LayerMap) -> None:
-    """Every tensor the config implies is present with the implied shape."""
+    """An unquantized checkpoint is what its config.json says: exactly its layers, floating-point tensors only,
+    every tensor the config implies present with the implied shape."""
     if not ck.tensors:
         return
+    want = ck.config["num_hidden_layers"]
+    pattern = re.compile(rf"{re.escape(lmap.blocks)}\.(\d+)\.")
+    held = {int(m.group(1)) for n in ck.tensors if (m := pattern.match(n))}
+    if held != set(range(want)):
+        extra, missing = sorted(held - set(range(want))), sorted(set(range(want)) - held)
+        what = f"tensors of {lmap.blocks}.{_span(extra)}" if extra else f"no tensors of {lmap.blocks}.{_span(missing)}"
+        raise CheckpointError(f"{ck.path / 'config.json'}: num_hidden_layers={want}, but the shards hold {what} "
+                              f"({len(held)} layers in all); set num_hidden_layers to the layers the checkpoint "
+                              "holds, or restore the missing shards")
+    for name, t in ck.tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{ck.path / ck.weight_map.get(name, SAFE_SINGLE)}: tensor {name} is stored as "
+                                  f"{t.dtype}, but an unquantized checkpoint holds only {', '.join(FLOAT_DTYPES)} "
+                                  "tensors; pass the original bf16 checkpoint (this one is damaged or already "
+                                  "converted)")
     for name, shape in expected_tensors(lmap, ck.config).items():
         t = ck.tensors.get(name)
         if t is None:
@@ -177,9 +216,11 @@ def check_tensors(ck: CheckedCheckpoint, lmap: LayerMap) -> None:
 
 
 def check_output(out: str | Path, inputs: dict[str, Path], force: bool, resume: bool = False,
-                 what: str = "--out") -> Path:
+                 what: str = "--out", replaced: bool = True) -> Path:
     """The resolved output directory: not an input, not inside or around one, not a file, its parent writable,
-    not already there unless force/resume."""
+    not already there unless force/resume. replaced: the run swaps the whole directory for its result (quantize,
+    export), so an existing one must be an inf-quant output (OUTPUT_MARKER) or empty, and it may not be the current
+    directory or one above it; otherwise (verify --report, release) files are written into it."""
     o = resolved(out)
     for label, inp in inputs.items():
         i = resolved(inp)
@@ -193,6 +234,19 @@ def check_output(out: str | Path, inputs: dict[str, Path], force: bool, resume: 
                               "choose another output directory")
     if o.exists() and not o.is_dir():
         raise ConfigError(f"{what} {out} is a file, not a directory; remove it or choose another output directory")
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was removed: nothing of it to protect
+        cwd = None
+    if replaced and cwd is not None and cwd.is_relative_to(o):
+        raise ConfigError(f"{what} {out} is the current directory or one above it ({cwd}); the finished output "
+                          "replaces that directory by a rename, which would pull it out from under this shell: "
+                          "choose a new directory, e.g. --out ./quantized")
+    foreign = replaced and o.is_dir() and not (o / OUTPUT_MARKER).is_file() and any(o.iterdir())
+    if foreign:
+        raise ConfigError(f"{what} {out} already exists and is not an inf-quant output (no {OUTPUT_MARKER} in it); "
+                          "inf-quant replaces only directories it wrote, even with --force: remove it yourself or "
+                          f"choose another {what}")
     if o.exists() and not (force or resume):
         raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another {what}")
     parent = o.parent
@@ -350,7 +404,8 @@ def for_verify(cfg) -> None:
     check_tensors(b, layer_map_for(b.config.get("model_type", "")))
     check_text_file(resolve_text_file(cfg.eval), "eval file", chat=False)
     if cfg.report_dir:
-        check_output(cfg.report_dir, {"baseline": resolve_model_path(cfg.baseline)}, force=True, what="--report")
+        check_output(cfg.report_dir, {"baseline": resolve_model_path(cfg.baseline)}, force=True, what="--report",
+                     replaced=False)
 
 
 def for_export(src: str, out: str, force: bool) -> Path:
@@ -378,4 +433,23 @@ def for_release(recipes: list, out: str) -> Path:
             check_text_file(f, f"recipe {r.name}: calibration file", chat=True)
         if user:
             inputs[f"recipe {r.name}'s calibration file"] = files[0]
-    return check_output(out, inputs, force=True, what="--out")
+    o = check_output(out, inputs, force=True, what="--out", replaced=False)
+    check_release_dir(o, out, [r.name for r in recipes])
+    return o
+
+
+def check_release_dir(o: Path, out: str, names: list[str]) -> None:
+    """release writes into --out and replaces its variants <name>/: an existing --out must be a release directory
+    (manifest.json, or the .staging of an interrupted first release) or empty, and each existing variant an
+    inf-quant output."""
+    if not o.is_dir() or not any(o.iterdir()):
+        return
+    if not ((o / "manifest.json").is_file() or (o / ".staging").is_dir()):
+        raise ConfigError(f"--out {out} already exists and is not an inf-quant release directory (no manifest.json "
+                          "in it); release writes only into its own directories: remove it yourself or choose "
+                          "another --out")
+    for name in names:
+        v = o / name
+        if v.exists() and not (v / OUTPUT_MARKER).is_file():
+            raise ConfigError(f"--out {out}: {v} is not a variant inf-quant published (no {OUTPUT_MARKER} in it) but "
+                              f"would be replaced by recipe {name}: remove it yourself or choose another --out")

@@ -61,9 +61,16 @@ class ReleaseReport:
 def load_recipes(recipes_dir: Path, only: tuple[str, ...] = ()) -> list[Recipe]:
     if not recipes_dir.is_dir():
         raise ConfigError(f"{recipes_dir}: no such recipes directory")
-    recipes = [load_recipe(p) for p in sorted(recipes_dir.glob("*.yaml"))]
+    files = sorted([*recipes_dir.glob("*.yaml"), *recipes_dir.glob("*.yml")])
+    by_name: dict[str, Path] = {}
+    for f in files:
+        if f.stem in by_name:
+            raise ConfigError(f"{recipes_dir}: {by_name[f.stem].name} and {f.name} both define recipe {f.stem!r}; "
+                              "keep one of them")
+        by_name[f.stem] = f
+    recipes = [load_recipe(p) for p in files]
     if not recipes:
-        raise ConfigError(f"{recipes_dir}: no *.yaml recipes found")
+        raise ConfigError(f"{recipes_dir}: no *.yaml or *.yml recipes found")
     names = {r.name for r in recipes}
     unknown = [n for n in only if n not in names]
     if unknown:

@@ -239,13 +239,17 @@ def test_input_licence_files_are_shipped(tmp_path, capsys):
 
 def test_existing_output_is_never_overwritten_without_force(tmp_path, inflm_ckpt, capsys):
     out = tmp_path / "out"
-    out.mkdir()
+    assert cli("gptq", "--model", inflm_ckpt, "--out", out, *FAST, capsys=capsys)[0] == 0
     (out / "keep.txt").write_text("precious")
     code, _, err = cli("gptq", "--model", inflm_ckpt, "--out", out, *FAST, capsys=capsys)
     assert code == 2 and "already exists" in err and "--force" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").is_file()
     code, _, _ = cli("gptq", "--model", inflm_ckpt, "--out", out, "--force", *FAST, capsys=capsys)
     assert code == 0 and not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # --force replaces only what inf-quant wrote (issue 22): a directory without inf_quant.json is refused
+    (out / "inf_quant.json").unlink()
+    code, _, err = cli("gptq", "--model", inflm_ckpt, "--out", out, "--force", *FAST, capsys=capsys)
+    assert code == 2 and "is not an inf-quant output" in err and (out / "config.json").is_file()
 
 
 @pytest.mark.parametrize("args, message", [
