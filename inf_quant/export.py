@@ -186,7 +186,7 @@ def export_layout(src: str | Path, out: str | Path, layout: Layout, force: bool 
     _check_free_space(src, out)
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        return _export(src, out, staging, ckpt)
+        return _export(src, out, staging, ckpt, layout)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         e.add_note(f"the unfinished export ({staging.name}) was removed; {out} is unchanged")
@@ -215,7 +215,7 @@ def _check_free_space(src: Path, out: Path) -> None:
                           f", only {free / 1e9:.2f} GB is free; free space or choose an output on another disk")
 
 
-def _export(src: Path, out: Path, staging: Path, ckpt) -> ExportReport:
+def _export(src: Path, out: Path, staging: Path, ckpt, layout: Layout) -> ExportReport:
     from .output import replace_dir
     from .report import VERIFY_OUTPUTS
 

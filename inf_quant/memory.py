@@ -124,7 +124,7 @@ def _forward_bytes(d: dict, heads: int, batch: int, seqlen: int, itemsize: int, 
 
 def expected_quantize_peak(lmap: LayerMap, config: dict, samples: int, seqlen: int, batch: int,
                            itemsize: int, flash_attention: bool, awq_samples: int = 0,
-                           on_host: bool = True) -> Expected:
+                           on_host: bool = True, lm_head: bool = False) -> Expected:
     """The device bytes a quantization run (pipeline.quantize) holds at its peak, beyond the process' base.
 
     hidden      2 x [S, T, D]                 the layer's input and the attention half's output buffer
@@ -136,7 +136,8 @@ def expected_quantize_peak(lmap: LayerMap, config: dict, samples: int, seqlen: i
                 (the running sum, gptq_quantize's private copy, its Cholesky factor and inverse) + 2 x the stacked
                 weights [sum N, K] fp32 + codes [sum N, K] uint8; the embedding table as stored (bf16) at the start;
                 AWQ (awq_samples = n > 0): its captures, n x T x sum over groups of K in the compute dtype, + one module's
-                reference output [n, T, D] fp32
+                reference output [n, T, D] fp32; with lm_head (gptq --lm-head, head.py), its solve: 4 x H [D, D]
+                fp32 + the head as read in the compute dtype + 2 x [V, D] fp32 + codes [V, D] uint8
     itemsize: bytes per element of the compute dtype (4 on CPU: fp32, 2 on CUDA: bf16).
     """
     d = config_dims(config)
@@ -150,6 +151,8 @@ def expected_quantize_peak(lmap: LayerMap, config: dict, samples: int, seqlen: i
         n = sum(d[lmap.shapes[name][0]] for name in g.names)
         k = d[lmap.shapes[g.names[0]][1]]
         solves.append(4 * k * k * 4 + n * k * (2 * 4 + 1))
+    if lm_head:
+        solves.append(4 * D * D * 4 + d["vocab"] * D * (itemsize + 2 * 4 + 1))
     table = d["vocab"] * D * 2
     awq = awq_samples * T * (sum(d[lmap.shapes[g.names[0]][1]] for g in lmap.groups) * itemsize + D * 4)
     ahead = _layer_params(lmap, d) * 2 if on_host else 0

@@ -64,6 +64,14 @@ class WorkDir:
     def layer_file(self, i: int) -> Path:
         return self.path / f"layer-{i:05d}.safetensors"
 
+    def head_file(self) -> Path:
+        return self.path / "lm_head.safetensors"
+
+    def save_head(self, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.path / "lm_head.tmp"
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, self.head_file())
+
     def save_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.path / f"layer-{i:05d}.tmp"
         save_file(tensors, tmp, metadata={"format": "pt"})
@@ -164,9 +172,16 @@ def _tensor_plan(ctx, work: WorkDir) -> tuple[dict[str, int], dict[str, Path]]:
         for n in sorted(layer):
             sizes[n] = TensorInfo(ST_DTYPES[layer[n]["dtype"]], tuple(layer[n]["shape"])).nbytes
             source[n] = f
+    head = work.head_file()
+    quantized_head = {k: v for k, v in safetensors_header(head).items() if k != "__metadata__"} \
+        if head.is_file() else {}
     for prefix in (lm.final_norm + ".", lm.lm_head + "."):
         for n in ctx.ckpt.names(prefix):
-            sizes[n] = ctx.ckpt.info(n).nbytes
+            if not (quantized_head and prefix == lm.lm_head + "."):
+                sizes[n] = ctx.ckpt.info(n).nbytes
+    for n in sorted(quantized_head):          # gptq --lm-head: the head's GPTQ tensors replace its weight
+        sizes[n] = TensorInfo(ST_DTYPES[quantized_head[n]["dtype"]], tuple(quantized_head[n]["shape"])).nbytes
+        source[n] = head
     return dict(sorted(sizes.items(), key=lambda kv: _order_key(kv[0], lm))), source
 
 
@@ -199,7 +214,7 @@ def quantization_config(recipe: Recipe, lmap=None, skip: frozenset = frozenset()
         g = recipe.gptq
         q = {"quant_method": "gptq", "bits": g.bits, "group_size": g.group_size, "desc_act": g.order is Order.ACT,
              "sym": g.sym, "damp_percent": g.damp, "true_sequential": True, "static_groups": g.static_groups,
-             "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
+             "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": g.lm_head,
              "meta": {"quantizer": [f"inf-quant:{__version__}"]}}
         if skip:
             rel = sorted({n[len(lmap.blocks) + 1:].split(".", 1)[1] for n in skip})
@@ -224,6 +239,8 @@ def git_commit() -> str:
 def write_configs(ctx, staging: Path) -> None:
     cfg = {k: v for k, v in ctx.ckpt.config.items() if k not in ("auto_map", "quantization_config")}
     cfg["quantization_config"] = quantization_config(ctx.recipe, ctx.lmap, ctx.skip)
+    if cfg["quantization_config"].get("lm_head"):
+        cfg["tie_word_embeddings"] = False  # a tied model gets its own (quantized) head; the embedding stays
     copied = copy_side_files(ctx.model_dir, staging)
     cfg = apply_layout(cfg, staging, ctx.recipe.output.serve_as, str(ctx.model_dir))  # + tokenizer.json
     write_json(staging / "config.json", cfg)
@@ -305,6 +322,8 @@ def publish(ctx, work: WorkDir, results: list, seconds: float, peak: PeakMemory)
                   ctx.ckpt.info(f"{ctx.lmap.block_prefix(i)}{n}.weight").shape[1]
                   for i in range(ctx.ckpt.num_layers) for n in ctx.lmap.linears
                   if f"{ctx.lmap.block_prefix(i)}{n}" not in ctx.skip)
+    if work.head_file().is_file():  # gptq --lm-head
+        qparams += int(ctx.config.vocab_size) * int(ctx.config.hidden_size)
     out = ctx.out_dir
     replace_dir(staging, out)
     shutil.rmtree(work.path)

