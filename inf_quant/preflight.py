@@ -427,6 +427,8 @@ def for_release(recipes: list, out: str) -> Path:
         lmap = layer_map_for(ck.config.get("model_type", ""))
         skip = resolve_skip(r.skip, lmap, int(ck.config["num_hidden_layers"]), r.method.value)
         check_group_sizes(ck, lmap, r.method.value, r.group_size, skip)
+        if r.method.value == "gptq" and r.gptq.lm_head:
+            check_quantized_head(ck.config, r.output.serve_as.value, f"recipe {r.name}: gptq.lm_head")
         inputs[f"recipe {r.name}'s model"] = mdir
         files, user = _calib_files(r.calibration.source)
         for f in files:
