@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vram-gib", type=float, default=24.0)
     a = ap.parse_args()
-    print(f"| lm_head | KV | weights GiB | vLLM defaults: --max-model-len | what makes 32768 fit |")
+    print("| lm_head | KV | weights GiB | vLLM defaults: --max-model-len | what makes 32768 fit |")
     print("|---|---|---:|---:|---|")
     for head in (16, 4):
         for kv in ("auto", "fp8"):

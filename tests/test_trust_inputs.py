@@ -19,7 +19,7 @@ import pytest
 
 from helpers import cli
 from inf_quant.lock import lock_path
-from test_trust import FAST, Box, _gptq, _rewrite_shard, _shard, snapshot
+from test_trust import FAST, Box, _gptq, _rewrite_shard, _shard, run_case, snapshot
 from tiny import build_tiny_checkpoint
 
 CASES: dict = {}
@@ -284,23 +284,7 @@ def _(t):
 
 @pytest.mark.parametrize("cid", list(CASES))
 def test_catalogue(cid, tmp_path, monkeypatch, capsys):
-    setup, rc, expect = CASES[cid]
-    t = Box(tmp_path, monkeypatch, tmp_path)
-    argv = setup(t)
-    capsys.readouterr()
-    before = snapshot(t.root)
-    try:
-        code = cli(*argv)[0]
-    except SystemExit as e:  # argparse
-        code = e.code
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("inf-quant")]
-    assert code == rc, err
-    assert len(lines) == 1, err
-    for e in expect:
-        assert e in lines[0], (e, lines[0])
-    assert "Traceback" not in err
-    assert snapshot(t.root) == before, "an input, a previous output or a leftover changed"
+    run_case(CASES[cid], Box(tmp_path, monkeypatch, tmp_path), capsys)
 
 
 # ---- behaviours behind the rows -------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ import pytest
 
 from helpers import cli
 from inf_quant.paths import REPO_ROOT
-from test_trust import FAST, Box, quantized_src, snapshot  # noqa: F401  (quantized_src: the shared fixture)
-from tiny import build_tiny_checkpoint
+from test_trust import FAST, Box, quantized_src, run_case, snapshot  # noqa: F401  (quantized_src: the shared fixture)
+
 
 CASES: dict = {}
 
@@ -348,31 +348,10 @@ def _(t):
 # ---- the catalogue runner ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cid", list(CASES))
 def test_catalogue(cid, tmp_path, monkeypatch, capsys, quantized_src):
-    setup, rc, expect = CASES[cid]
     t = Box(tmp_path, monkeypatch, quantized_src)
-    argv = setup(t)
-    capsys.readouterr()
-    before = snapshot(t.root)
-    try:
-        code = cli(*argv)[0]
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    assert code == rc, err
-    assert "Traceback" not in err
-    if rc == 1:  # a check that found problems: each on stdout, naming the file
-        lines = [line for line in out.splitlines() if any(e in line for e in expect)]
-        assert len(lines) == 1 and all(e in lines[0] for e in expect), out
-        assert not [line for line in err.splitlines() if line.startswith("inf-quant")], err
-    else:
-        lines = [line for line in err.splitlines() if line.startswith("inf-quant" if rc else "WARNING inf_quant")]
-        assert len(lines) == 1, err
-        for e in expect:
-            assert e in lines[0], (e, lines[0])
-    if not t.changes_ok:
-        assert snapshot(t.root) == before, "an input, a previous output or a leftover changed"
+    line = run_case(CASES[cid], t, capsys)
     assert not list(t.root.glob(".*.lock")), "a lock was left behind"
-    if rc == 3:
-        log = Path(re.search(r"traceback in (\S+);", lines[0]).group(1))
+    if CASES[cid][1] == 3:
+        log = Path(re.search(r"traceback in (\S+);", line).group(1))
         assert "Traceback" in log.read_text() and "boom" in log.read_text()
         assert log.parent == t.logs.parent / "tmp" / "inf-quant-logs"
