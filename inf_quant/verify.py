@@ -126,7 +126,7 @@ def quantized_stats(model, windows: torch.Tensor, base, chunk_bytes: int = LOGIT
     """
     dev = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    step = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+    step = max(1, chunk_bytes // (4 * int(model.config.vocab_size)))
     # the results are allocated once, up front: small tensors kept per chunk would pin glibc's heap above each
     # chunk's freed logits, and the host RSS would grow with the eval set (measured: +4 MB a window on CPU)
     n, t = windows.shape

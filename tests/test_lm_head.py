@@ -69,6 +69,19 @@ print(json.dumps({{"cls": type(m.lm_head).__name__, "w": m.lm_head.dequantized()
     assert r["cls"] == "GPTQHead" and torch.equal(torch.tensor(r["w"]), ours) and r["diff"] <= 1e-4
 
 
+def test_verify_scores_the_quantized_head(with_head, tmp_path, capsys):
+    """verify loads the output (the head is a GPTQHead) and scores it; fit counts the packed head's bytes."""
+    code, out, err = cli("verify", with_head, "--max-windows", "6", "--report", tmp_path, "-q", capsys=capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "verify.json").read_text())
+    assert data["metrics"]["all"]["top1_agreement"] > 0.8
+    head_bytes = sum(v.numel() * v.element_size() for k, v in load_file(with_head / "model.safetensors").items()
+                     if k.startswith("lm_head."))
+    assert head_bytes < 0.3 * 8192 * 256 * 2  # the packed head, not a bf16 one
+    assert data["vram"]["vllm"]["weights_bytes"] == sum(
+        v.numel() * v.element_size() for v in load_file(with_head / "model.safetensors").values())
+
+
 def test_gptq_head_beats_round_to_nearest():
     """solve_head on correlated inputs: the head's output error is well below RTN's on the same grid."""
     g = torch.Generator().manual_seed(0)

@@ -28,7 +28,9 @@ class GPTQHead(nn.Module):
     """The lm_head in GPTQ v1: qweight [K * bits / 32, N] int32 (K = hidden, N = vocab; field j of a word is input
     row 32 / bits * r + j), qzeros [n_groups, N * bits / 32] int32 (stored zero - 1, modulo 2**bits), scales
     [n_groups, N] fp16, g_idx [K] int32. forward: x @ W^T, W[n, k] = scales[g, n] * (code[k, n] - zero[g, n]),
-    g = g_idx[k]; W is rebuilt per call in x's dtype (memory: one [N, K] copy while the head runs)."""
+    g = g_idx[k]; W is rebuilt per call, ROWS vocabulary rows at a time (memory: a [ROWS, K] slice, not [N, K])."""
+
+    ROWS = 8192
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int):
         super().__init__()
@@ -43,16 +45,19 @@ class GPTQHead(nn.Module):
         shifts = torch.arange(0, 32, self.bits, dtype=torch.int32, device=words.device)
         return (words.unsqueeze(-1) >> shifts) & (2**self.bits - 1)                   # [..., 32 / bits]
 
-    def dequantized(self) -> torch.Tensor:
-        """W [N, K] fp32."""
-        k, n = self.in_features, self.out_features
-        codes = self._fields(self.qweight).transpose(1, 2).reshape(k, n)            # [K, N]
-        zero = (self._fields(self.qzeros).reshape(self.qzeros.shape[0], n) + 1) & (2**self.bits - 1)
+    def dequantized(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+        """Rows n0:n1 of W (default all), [n1 - n0, K] fp32; n0 and n1 multiples of 32 / bits (or n1 = N)."""
+        k, n1 = self.in_features, self.out_features if n1 is None else n1
+        per = 32 // self.bits
+        codes = self._fields(self.qweight[:, n0:n1]).transpose(1, 2).reshape(k, n1 - n0)   # [K, n1 - n0]
+        stored = self._fields(self.qzeros[:, n0 // per: -(-n1 // per)]).reshape(self.qzeros.shape[0], -1)
+        zero = ((stored + 1) & (2**self.bits - 1))[:, : n1 - n0]
         g = self.g_idx.long()
-        return ((codes.float() - zero[g].float()) * self.scales.float()[g]).T
+        return ((codes.float() - zero[g].float()) * self.scales[:, n0:n1].float()[g]).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantized().to(x.dtype))
+        return torch.cat([nn.functional.linear(x, self.dequantized(n0, min(n0 + self.ROWS, self.out_features))
+                                               .to(x.dtype)) for n0 in range(0, self.out_features, self.ROWS)], -1)
 
 
 def _quantized_head_spec(config) -> tuple | None:
