@@ -317,6 +317,8 @@ def _fit(args) -> int:
         report = fit_checkpoint(args.model, args.vram_gib, args.context, args.batch, args.kv_dtype or "fp16")
         print(json.dumps(report.to_dict(), sort_keys=True) if args.json else report.to_text())
         return 0 if report.fits else 1
+    from dataclasses import replace
+
     from .fit_vllm import VllmSettings, fit_checkpoint_vllm
 
     if args.kv_dtype in ("fp16", "bf16"):
@@ -330,6 +332,10 @@ def _fit(args) -> int:
                          sort_keys=True, default=str))
     else:
         print(report.to_text())
+        kv = {d: fit_checkpoint_vllm(args.model, args.vram_gib, None, replace(settings, kv_dtype=d), suggest=False)
+              for d in ("auto", "fp8")}
+        print(f"largest --max-model-len at these settings: {kv['auto'].max_model_len:,} with bf16 KV, "
+              f"{kv['fp8'].max_model_len:,} with fp8 KV")
         if better is not None:
             print(f"fits with: {better.command()}" if better.fits else
                   f"does not fit even with: {' '.join(better.settings.flags())}")
