@@ -14,5 +14,13 @@ class INFLMConfig(LlamaConfig):
     model_type = "inflm"
     layer_norm_eps: float = 1e-5
 
+    def __init__(self, **kwargs):
+        # `inf-quant gptq --lm-head`: quantization_config.lm_head is true. transformers turns quantization_config
+        # into its GPTQConfig, which drops that key, so the head's format is kept here for modeling_inflm.GPTQHead.
+        q = kwargs.get("quantization_config")
+        if isinstance(q, dict) and q.get("quant_method") == "gptq" and q.get("lm_head"):
+            kwargs.setdefault("gptq_lm_head", {"bits": q["bits"], "group_size": q["group_size"]})
+        super().__init__(**kwargs)
+
 
 __all__ = ["INFLMConfig"]
