@@ -180,7 +180,7 @@ def _given(**kw) -> dict:
 
 
 def recipe_from_args(args: argparse.Namespace):
-    from .config import (AWQConfig, CalibConfig, CudaPath, Device, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
+    from .config import (AWQConfig, CalibConfig, CudaPath, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
                          OutputConfig, Recipe, RunConfig, WeightSolve, parse_device)
 
     method = Method(args.command)
@@ -317,29 +317,14 @@ def _fit(args) -> int:
         report = fit_checkpoint(args.model, args.vram_gib, args.context, args.batch, args.kv_dtype or "fp16")
         print(json.dumps(report.to_dict(), sort_keys=True) if args.json else report.to_text())
         return 0 if report.fits else 1
-    from dataclasses import replace
+    from .fit_vllm import VllmSettings, answer
 
-    from .fit_vllm import VllmSettings, fit_checkpoint_vllm
-
-    if args.kv_dtype in ("fp16", "bf16"):
-        args.kv_dtype = "auto"  # vLLM's cache stores the model dtype (2 bytes) unless fp8
-    settings = VllmSettings(args.gpu_memory_utilization, args.kv_dtype or "auto", args.enforce_eager,
-                            args.max_num_batched_tokens, args.max_num_seqs, args.tensor_parallel_size)
-    report = fit_checkpoint_vllm(args.model, args.vram_gib, args.context, settings, suggest=False)
-    better = None if report.fits else fit_checkpoint_vllm(args.model, args.vram_gib, args.context, settings)
-    if args.json:
-        print(json.dumps({**report.to_dict(), "fits_with": better.to_dict() if better and better.fits else None},
-                         sort_keys=True, default=str))
-    else:
-        print(report.to_text())
-        kv = {d: fit_checkpoint_vllm(args.model, args.vram_gib, None, replace(settings, kv_dtype=d), suggest=False)
-              for d in ("auto", "fp8")}
-        print(f"largest --max-model-len at these settings: {kv['auto'].max_model_len:,} with bf16 KV, "
-              f"{kv['fp8'].max_model_len:,} with fp8 KV")
-        if better is not None:
-            print(f"fits with: {better.command()}" if better.fits else
-                  f"does not fit even with: {' '.join(better.settings.flags())}")
-    return 0 if report.fits else 1
+    kv = "auto" if args.kv_dtype in (None, "fp16", "bf16") else args.kv_dtype  # vLLM's cache: the model dtype or fp8
+    settings = VllmSettings(args.gpu_memory_utilization, kv, args.enforce_eager, args.max_num_batched_tokens,
+                            args.max_num_seqs, args.tensor_parallel_size)
+    fits, text = answer(args.model, args.vram_gib, args.context, settings, args.json)
+    print(text)
+    return 0 if fits else 1
 
 
 def _release(args) -> int:

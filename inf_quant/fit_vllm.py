@@ -20,6 +20,7 @@ Units: bytes; GiB = 2**30.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -146,7 +147,8 @@ class VllmFit:
                  f", KV {'bf16' if s.kv_dtype == 'auto' else s.kv_dtype}",
                  f"  {'':<{width}}  {'GiB':>8}"]
         lines += [f"  {name:<{width}}  {n / GIB:8.2f}" for name, n in rows]
-        lines += ["  * estimate, not yet measured on a GPU", self.verdict, f"  {self.command()}"]
+        lines += ["  * estimate, not yet measured on a GPU", self.verdict]
+        lines += [f"  {self.command()}"] if self.max_model_len else []
         return "\n".join(lines)
 
 
@@ -226,4 +228,24 @@ def fit_checkpoint_vllm(path, card_gib: float = 24.0, context: int | None = None
               path=shown_as or str(path))
 
 
-__all__ = ["VllmSettings", "VllmFit", "fit_shapes", "what_fits", "fit_checkpoint_vllm", "BLOCK_TOKENS", "LADDER"]
+def answer(path, card_gib: float, context: int | None, settings: VllmSettings, as_json: bool) -> tuple[bool, str]:
+    """`inf-quant fit --engine vllm`: (fits at `settings`, what to print). The text is the breakdown and verdict,
+    the largest --max-model-len with bf16 and with fp8 KV, and when the context does not fit the first LADDER
+    settings that make it fit; the JSON is VllmFit.to_dict() plus `fits_with` (that fit's dict, or None)."""
+    report = fit_checkpoint_vllm(path, card_gib, context, settings, suggest=False)
+    better = None if report.fits else fit_checkpoint_vllm(path, card_gib, context, settings)
+    if as_json:
+        return report.fits, json.dumps({**report.to_dict(), "fits_with": better.to_dict() if better and better.fits
+                                         else None}, sort_keys=True, default=str)
+    kv = {d: fit_checkpoint_vllm(path, card_gib, None, replace(settings, kv_dtype=d), suggest=False).max_model_len
+          for d in ("auto", "fp8")}
+    lines = [report.to_text(), f"largest --max-model-len at these settings: {kv['auto']:,} with bf16 KV, "
+                               f"{kv['fp8']:,} with fp8 KV"]
+    if better is not None:
+        lines.append(f"fits with: {better.command()}" if better.fits else
+                     f"does not fit even with: {' '.join(better.settings.flags())}; use more cards "
+                     f"(--tensor-parallel-size N) or a smaller checkpoint")
+    return report.fits, "\n".join(lines)
+
+
+__all__ = ["answer", "VllmSettings", "VllmFit", "fit_shapes", "what_fits", "fit_checkpoint_vllm", "BLOCK_TOKENS", "LADDER"]
