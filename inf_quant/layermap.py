@@ -71,7 +71,7 @@ LAYER_MAPS = {
                       LLAMA_SHAPES),
     "inflm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS,
                       LLAMA_SHAPES),
-    # INF-34B in transformers' StableLM layout (export.py): the same modules, names and LayerNorm (weight + bias)
+    # INF-34B in transformers' StableLM layout (layout.py): the same modules, names and LayerNorm (weight + bias)
     "stablelm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS,
                          LLAMA_SHAPES),
 }

@@ -22,11 +22,11 @@ from safetensors import safe_open
 from . import __version__
 from .config import Method, Order, Recipe, to_dict
 from .errors import ConfigError, resumable
+from .hashing import cache_root, checkpoint_sha256
 from .load import safetensors_header
 from .memory import PeakMemory, gib
 from .paths import REPO_ROOT
-from .export import apply_layout
-from .write import copy_side_files, save_file, save_sharded_lazy, write_json
+from .write import apply_layout, copy_side_files, save_file, save_sharded_lazy, write_json
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -35,13 +35,11 @@ STATE = "state.json"
 def fingerprint(ctx) -> dict:
     """What the output bytes depend on; a resumed run must match it exactly. The model enters by content (sha256
     of config.json and every shard), so a refreshed checkpoint of the same shapes does not resume into a mix."""
-    from .baseline import cache_root, checkpoint_sha256
-
     return {
         "recipe": public_recipe(ctx.recipe),
         "calibration_sha256": ctx.calib_sha256,
         "model_config": ctx.ckpt.config,
-        "model_sha256": checkpoint_sha256(ctx.ckpt, cache_root("")),  # content, memoised by (path, size, mtime)
+        "model_sha256": checkpoint_sha256(ctx.ckpt.path, ctx.ckpt.files, cache_root("")),  # content, memoised by (path, size, mtime)
         "device": ctx.device.type,
         "dtype": str(ctx.dtype),
         "inf_quant": __version__,

@@ -19,13 +19,14 @@ import torch
 
 from . import __version__
 from .baseline import baseline_stats
-from .calibrate import file_sha256, read_records, resolve_text_file, token_stream
+from .calibrate import read_records, resolve_text_file, token_stream
 from .config import Gates, VerifyConfig
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
-from .export import architecture
 from .fit import fit_checkpoint
 from .fit_vllm import VllmSettings, fit_checkpoint_vllm
+from .hashing import file_sha256
+from .layout import architecture
 from .load import open_checkpoint
 from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.calibrate import calibration_files, file_sha256, files_sha256
+from inf_quant.calibrate import calibration_files
+from inf_quant.hashing import file_sha256, files_sha256
 from inf_quant.config import Order, load_recipe
 from inf_quant.errors import ConfigError
 from inf_quant.paths import CALIBRATION, REPO_ROOT
