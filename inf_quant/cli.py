@@ -180,7 +180,7 @@ def _given(**kw) -> dict:
 
 
 def recipe_from_args(args: argparse.Namespace):
-    from .config import (AWQConfig, CalibConfig, CudaPath, Device, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
+    from .config import (AWQConfig, CalibConfig, CudaPath, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
                          OutputConfig, Recipe, RunConfig, WeightSolve, parse_device)
 
     method = Method(args.command)

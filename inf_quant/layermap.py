@@ -5,7 +5,6 @@ Adding a Llama-shaped family means adding an entry to LAYER_MAPS, never a class.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -13,7 +12,6 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-log = logging.getLogger(__name__)
 
 
 class Norm(Enum):

@@ -23,7 +23,7 @@ from . import __version__
 from .config import Method, Order, Recipe, to_dict
 from .errors import ConfigError, resumable
 from .hashing import cache_root, checkpoint_sha256
-from .load import safetensors_header
+from .load import ST_DTYPES, TensorInfo, safetensors_header
 from .memory import PeakMemory, gib
 from .paths import REPO_ROOT
 from .write import apply_layout, copy_side_files, save_file, save_sharded_lazy, write_json
@@ -156,8 +156,6 @@ def _block_leftovers(ctx, i: int, saved: set[str]) -> list[str]:
 
 def _tensor_plan(ctx, work: WorkDir) -> tuple[dict[str, int], dict[str, Path]]:
     """Ordered name -> bytes of the release, and which work file holds each quantized tensor."""
-    from .load import ST_DTYPES, TensorInfo
-
     sizes, source = {}, {}
     lm = ctx.lmap
     for n in ctx.ckpt.names(lm.embed + "."):
