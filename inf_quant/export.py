@@ -1,6 +1,6 @@
 """`inf-quant export`: rewrite a finished inflm directory (bf16, GPTQ or AWQ) in another loader-facing layout.
 
-The layouts and their rules are in layout.py; the files each layout needs are written by write.apply_layout, which
+The layouts and their rules are in layout.py; the files each layout needs are written by output.apply_layout, which
 the quantization writer (`--serve-as`) shares. Tensors keep their bytes (hard links where possible).
 """
 
@@ -20,10 +20,10 @@ from .errors import CheckpointError, ConfigError
 from .fast_tokenizer import FAST_TOKENIZER_FILE
 from .layout import check_layout
 from .load import Checkpoint, open_checkpoint
-from .output import replace_dir
+from .output import apply_layout, replace_dir
 from .preflight import check_quantized_head
 from .report import VERIFY_OUTPUTS
-from .write import MODELING_FILES, apply_layout, write_json
+from .write import MODELING_FILES, write_json
 
 log = logging.getLogger(__name__)
 

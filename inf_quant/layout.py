@@ -10,7 +10,7 @@ tensors are unchanged; only config.json and the tokenizer files differ between t
     inflm     model_type inflm, auto_map -> the copied modeling files, slow INFLMTokenizer (+ tokenizer.json)
     stablelm  model_type stablelm, no auto_map, no Python files, PreTrainedTokenizerFast over tokenizer.json
 
-`write.apply_layout` writes a layout's files; `export.export_layout` rewrites a finished directory.
+`output.apply_layout` writes a layout's files; `export.export_layout` rewrites a finished directory.
 """
 
 from __future__ import annotations

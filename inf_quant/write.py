@@ -13,9 +13,6 @@ from pathlib import Path
 
 import torch
 
-from .config import Layout
-from .fast_tokenizer import fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
-from .layout import stablelm_config
 from .paths import MODELING_DIR
 
 MODELING_FILES = ("configuration_inflm.py", "modeling_inflm.py", "tokenization_inflm.py")
@@ -137,25 +134,3 @@ def copy_side_files(src_dir: Path, out_dir: Path) -> list[str]:
         shutil.copyfile(src_dir / name, out_dir / name)
         copied.append(name)
     return copied
-
-
-def apply_layout(cfg: dict, out_dir: Path, layout: Layout, where: str) -> dict:
-    """Write `layout`'s loader files into out_dir (which already holds the tokenizer files); returns config.json.
-
-    Every output whose tokenizer is INFLMTokenizer also gets tokenizer.json, converted from its tokenizer.model.
-    """
-    if is_inflm_tokenizer(out_dir):
-        write_fast_tokenizer(out_dir, out_dir)
-    if cfg.get("model_type") != "inflm":  # llama (layout refused by check_layout unless inflm) or INF stablelm
-        return cfg
-    tcfg_file = out_dir / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_file.read_text(encoding="utf-8")) if tcfg_file.is_file() else None
-    slow = tcfg is not None and tcfg.get("tokenizer_class") == "INFLMTokenizer"
-    if layout is Layout.INFLM:
-        copy_modeling_files(out_dir)
-        if slow:
-            write_json(tcfg_file, {**tcfg, "auto_map": dict(INFLM_TOKENIZER_AUTO_MAP)})
-        return {**cfg, "auto_map": dict(INFLM_AUTO_MAP)}
-    if slow:
-        write_json(tcfg_file, fast_tokenizer_config(tcfg))
-    return stablelm_config(cfg, where)
