@@ -1,5 +1,5 @@
 """Loader-facing layouts of an INF-architecture checkpoint, `inflm` (as INF ships it) and `stablelm` (no remote
-code): the rules, over config.json dicts. Pure and torch-free, so the loader, the pre-flight and the writers share it.
+code): the rules, over config.json dicts. Pure and torch-free: the loader, the pipeline, verify and the writers share it.
 
 INF-34B's block is transformers' `StableLmForCausalLM` in one particular configuration: a Llama body whose input,
 post-attention and final norms are `nn.LayerNorm` (weight + bias), GQA, a gated SiLU MLP, an untied head and the
