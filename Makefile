@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine (see README):
 #   make demo   - the main job on the bundled default model: GPTQ 4-bit, then verify it against bf16
 #   make test   - the test suite (offline, CPU)
+# and a quicker tier while working: make check - every test not marked slow (math, pack/format, config, pre-flight,
+# error catalogue; no end-to-end quantize/verify/release runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GPTQMODEL_DISABLE_PACK_EXT ?= 1
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: setup demo test release-ci clean
+.PHONY: setup demo test check release-ci clean
 
 setup: $(BIN)/.installed
 
@@ -32,6 +34,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+check: setup
+	$(BIN)/python -m pytest -q -m "not slow and not vllm"
 
 # The release path CI exercises on every submission: build the bundled model's release twice, require
 # byte-identical manifests, and re-check the published files against the manifest.

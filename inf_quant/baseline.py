@@ -13,13 +13,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from . import __version__
-from .calibrate import file_sha256
 from .forward import forward_all
+from .hashing import UNCACHED, cache_root, checkpoint_sha256
 from .load import Checkpoint, LayerReader, embed_ids, hf_config, load_named, rotary, skeleton
 from .memory import BASELINE_GIB, windows_per_pass
 from .metrics import topk_logprobs
@@ -34,52 +33,6 @@ class BaselineStats:
     topk_idx: torch.Tensor     # [S, T-1, k] int32
     key: str                   # cache key (sha256)
     cached: bool               # read from the cache rather than computed
-
-
-def cache_root(cache_dir: str) -> Path:
-    """The cache directory (cache_dir, else $XDG_CACHE_HOME/inf-quant, else ~/.cache/inf-quant), created if
-    possible. It only holds memos (file hashes, baseline results): where it cannot be written, work goes on
-    without them and says so (UNCACHED)."""
-    root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass  # reported by the first write that fails
-    return root
-
-
-UNCACHED = ("cannot write {what} {path} ({why}): going on without it ({cost}); to keep it, pass --cache-dir DIR "
-            "(verify) or set XDG_CACHE_HOME to a writable directory")
-
-
-def checkpoint_sha256(ckpt: Checkpoint, root: Path) -> str:
-    """sha256 over config.json and every weight file (name + content), memoised by (path, size, mtime) in
-    root/file-hashes.json when root can be written."""
-    memo_file = root / "file-hashes.json"
-    try:
-        memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
-    except (OSError, ValueError):
-        memo = {}
-    if not isinstance(memo, dict):
-        memo = {}
-    h = hashlib.sha256()
-    for name in ["config.json", *ckpt.files]:
-        p = (ckpt.path / name).resolve()
-        st = p.stat()
-        key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
-        if key not in memo:
-            memo[key] = file_sha256(p)
-        h.update(f"{name}:{memo[key]}\n".encode())
-    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(memo, sort_keys=True))
-        os.replace(tmp, memo_file)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        log.warning(UNCACHED.format(what="the file-hash memo", path=memo_file, why=e.strerror or e,
-                                    cost="the checkpoint is re-read for its sha256 on every run"))
-    return h.hexdigest()
 
 
 def cache_key(model_sha: str, windows: torch.Tensor, top_k: int, device: torch.device, dtype: torch.dtype) -> str:
@@ -140,7 +93,7 @@ def baseline_stats(ckpt: Checkpoint, windows: torch.Tensor, top_k: int, device: 
                    cache_dir: str = "", batch: int = 4, trust_remote_code: bool = False,
                    budget_gib: float = BASELINE_GIB, progress=None) -> BaselineStats:
     root = cache_root(cache_dir)
-    key = cache_key(checkpoint_sha256(ckpt, root), windows, top_k, device, dtype)
+    key = cache_key(checkpoint_sha256(ckpt.path, ckpt.files, root), windows, top_k, device, dtype)
     f = root / f"baseline-{key[:32]}.pt"
     if f.is_file():
         d = torch.load(f, weights_only=True)

@@ -8,7 +8,6 @@ file whose blank-line-separated blocks are plain-text records. Every record is o
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -49,20 +48,6 @@ def calibration_files(source: str) -> tuple[Path, ...]:
         raise ConfigError(f"calibration source {path}: expected a .jsonl (one {{'text': ...}} or "
                           "{'messages': [...]} per line) or .txt file")
     return (path,)
-
-
-def file_sha256(path: Path) -> str:
-    return files_sha256((path,))
-
-
-def files_sha256(paths: tuple[Path, ...]) -> str:
-    """sha256 of the files' bytes read one after another (`cat A B | sha256sum`); one file: its own sha256."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def read_text(path: Path, what: str = "text file") -> str:

@@ -119,7 +119,7 @@ class Method(Enum):
 
 
 class Layout(Enum):
-    """How an INF-architecture output is laid out for loaders (see export.py)."""
+    """How an INF-architecture output is laid out for loaders (see layout.py)."""
 
     INFLM = "inflm"        # model_type inflm + the shipped modeling files (trust_remote_code), as INF ships it
     STABLELM = "stablelm"  # model_type stablelm in INF's settings: transformers, vLLM, SGLang load it natively

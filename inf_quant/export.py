@@ -1,16 +1,7 @@
-"""Loader-facing layouts of an INF-architecture checkpoint: `inflm` (as INF ships it) and `stablelm` (no remote code).
+"""`inf-quant export`: rewrite a finished inflm directory (bf16, GPTQ or AWQ) in another loader-facing layout.
 
-INF-34B's block is transformers' `StableLmForCausalLM` in one particular configuration: a Llama body whose input,
-post-attention and final norms are `nn.LayerNorm` (weight + bias), GQA, a gated SiLU MLP, an untied head and the
-same tensor names (q/k/v/o_proj, gate/up/down_proj, input/post_attention_layernorm, model.norm, lm_head). StableLM's
-own defaults differ (partial rotary 0.25), so the four settings in STABLELM_SETTINGS are written explicitly. The
-tensors are unchanged; only config.json and the tokenizer files differ between the layouts:
-
-    inflm     model_type inflm, auto_map -> the copied modeling files, slow INFLMTokenizer (+ tokenizer.json)
-    stablelm  model_type stablelm, no auto_map, no Python files, PreTrainedTokenizerFast over tokenizer.json
-
-`export_stablelm` rewrites a finished inflm directory (bf16, GPTQ or AWQ); `apply_layout` is the part shared with
-the quantization writer (`--serve-as`).
+The layouts and their rules are in layout.py; the files each layout needs are written by output.apply_layout, which
+the quantization writer (`--serve-as`) shares. Tensors keep their bytes (hard links where possible).
 """
 
 from __future__ import annotations
@@ -26,106 +17,15 @@ from pathlib import Path
 from . import __version__
 from .config import Layout
 from .errors import CheckpointError, ConfigError
-from .fast_tokenizer import FAST_TOKENIZER_FILE, fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
-from .write import (INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, MODELING_FILES, copy_modeling_files,
-                    write_json)
+from .fast_tokenizer import FAST_TOKENIZER_FILE
+from .layout import check_layout
+from .load import Checkpoint, open_checkpoint
+from .output import apply_layout, replace_dir
+from .preflight import check_quantized_head
+from .report import VERIFY_OUTPUTS
+from .write import MODELING_FILES, write_json
 
 log = logging.getLogger(__name__)
-
-# StableLM settings under which it computes INF-34B's function (transformers' defaults: 0.25, False, False, False)
-STABLELM_SETTINGS = {"partial_rotary_factor": 1.0, "use_qkv_bias": False, "qk_layernorm": False,
-                     "use_parallel_residual": False}
-# config.json keys whose meaning is the same in both layouts
-CARRIED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-           "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "layer_norm_eps",
-           "use_cache", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "dtype",
-           "torch_dtype", "attention_dropout", "quantization_config")
-INF_FAMILY = "inflm"
-
-
-def rope_theta(cfg: dict, where: str) -> float:
-    """INF's rope base from a transformers 5 (`rope_parameters`) or 4.x (`rope_theta`) config; plain rope only."""
-    rope = cfg.get("rope_parameters") or {}
-    if (cfg.get("rope_scaling") or {}).get("rope_type", "default") != "default" or \
-            rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"{where}: rope scaling {cfg.get('rope_scaling') or rope} is not exported to stablelm "
-                          "(vLLM's and SGLang's StableLM pass only the rope base); serve the inflm layout")
-    theta = rope.get("rope_theta", cfg.get("rope_theta"))
-    if not isinstance(theta, (int, float)):
-        raise ConfigError(f"{where}: config.json has no rope_theta")
-    return float(theta)
-
-
-def stablelm_config(cfg: dict, where: str) -> dict:
-    """config.json of the stablelm layout from an inflm one; refuses settings StableLM cannot express."""
-    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
-    problems = []
-    if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
-        problems.append(f"head_dim={cfg.get('head_dim')} != hidden_size/num_attention_heads (StableLM derives it)")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            problems.append(f"{key}=true")
-    if cfg.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={cfg.get('hidden_act')!r}")
-    if problems:
-        raise ConfigError(f"{where}: cannot be expressed as StableLM: {'; '.join(problems)}")
-    theta = rope_theta(cfg, where)
-    out = {k: cfg[k] for k in CARRIED if k in cfg}
-    out.update(model_type="stablelm", architectures=["StableLmForCausalLM"], hidden_dropout=0.0, rope_theta=theta,
-               rope_parameters={"rope_theta": theta, "rope_type": "default", "partial_rotary_factor": 1.0},
-               **STABLELM_SETTINGS)
-    return out
-
-
-def is_inf_stablelm(cfg: dict) -> bool:
-    """A stablelm config in INF's settings (so it computes the inflm function); StableLM's own defaults are not."""
-    if cfg.get("model_type") != "stablelm":
-        return False
-    factor = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor"))
-    return factor == 1.0 and not any(cfg.get(k) for k in ("use_qkv_bias", "qk_layernorm", "use_parallel_residual"))
-
-
-def architecture(cfg: dict) -> str:
-    """The function a config describes: 'inflm' for both INF layouts, else config.json's model_type."""
-    return INF_FAMILY if cfg.get("model_type") == "inflm" or is_inf_stablelm(cfg) else cfg.get("model_type", "")
-
-
-def check_layout(cfg: dict, layout: Layout, where: str) -> None:
-    """Before any work: can an output of checkpoint config `cfg` be written in `layout`?"""
-    mt = cfg.get("model_type")
-    if mt == "stablelm" and not is_inf_stablelm(cfg):
-        raise CheckpointError(f"{where}: a stablelm checkpoint is supported only in INF's settings "
-                              f"({', '.join(f'{k}={v}' for k, v in STABLELM_SETTINGS.items())})")
-    if layout is Layout.STABLELM and architecture(cfg) != INF_FAMILY:
-        raise ConfigError(f"{where}: serve_as=stablelm applies to INF-architecture checkpoints; this one is "
-                          f"model_type {mt!r}: drop --serve-as stablelm")
-    if layout is Layout.INFLM and mt == "stablelm":
-        raise ConfigError(f"{where}: the input is already in the stablelm layout and converting back to inflm is not "
-                          "implemented; pass --serve-as stablelm (or quantize the inflm original)")
-    if layout is Layout.STABLELM and mt == "inflm":
-        stablelm_config(cfg, where)  # raises for settings StableLM cannot express
-
-
-def apply_layout(cfg: dict, out_dir: Path, layout: Layout, where: str) -> dict:
-    """Write `layout`'s loader files into out_dir (which already holds the tokenizer files); returns config.json.
-
-    Every output whose tokenizer is INFLMTokenizer also gets tokenizer.json, converted from its tokenizer.model.
-    """
-    if is_inflm_tokenizer(out_dir):
-        write_fast_tokenizer(out_dir, out_dir)
-    if cfg.get("model_type") != "inflm":  # llama (layout refused by check_layout unless inflm) or INF stablelm
-        return cfg
-    tcfg_file = out_dir / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_file.read_text(encoding="utf-8")) if tcfg_file.is_file() else None
-    slow = tcfg is not None and tcfg.get("tokenizer_class") == "INFLMTokenizer"
-    if layout is Layout.INFLM:
-        copy_modeling_files(out_dir)
-        if slow:
-            write_json(tcfg_file, {**tcfg, "auto_map": dict(INFLM_TOKENIZER_AUTO_MAP)})
-        return {**cfg, "auto_map": dict(INFLM_AUTO_MAP)}
-    if slow:
-        write_json(tcfg_file, fast_tokenizer_config(tcfg))
-    return stablelm_config(cfg, where)
 
 
 @dataclass(frozen=True)
@@ -166,8 +66,6 @@ def export_layout(src: str | Path, out: str | Path, layout: Layout, force: bool 
     `--as inflm` of INF's original checkpoint is that checkpoint plus the exact fast tokenizer (tokenizer.json)
     that serving engines need.
     """
-    from .load import open_checkpoint
-
     src, out = Path(src), Path(out)
     ckpt = open_checkpoint(src)
     if ckpt.model_type != "inflm":
@@ -175,8 +73,6 @@ def export_layout(src: str | Path, out: str | Path, layout: Layout, force: bool 
                               f"{ckpt.model_type!r}")
     check_layout(ckpt.config, layout, str(src))
     if (ckpt.config.get("quantization_config") or {}).get("lm_head"):
-        from .preflight import check_quantized_head
-
         check_quantized_head(ckpt.config, layout.value, f"{src}: its quantized lm_head")
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another output directory")
@@ -215,10 +111,7 @@ def _check_free_space(src: Path, out: Path) -> None:
                           f", only {free / 1e9:.2f} GB is free; free space or choose an output on another disk")
 
 
-def _export(src: Path, out: Path, staging: Path, ckpt, layout: Layout) -> ExportReport:
-    from .output import replace_dir
-    from .report import VERIFY_OUTPUTS
-
+def _export(src: Path, out: Path, staging: Path, ckpt: Checkpoint, layout: Layout) -> ExportReport:
     staging.mkdir(parents=True)
     skipped = []
     for p in sorted(q for q in src.iterdir() if q.is_file()):
@@ -250,6 +143,4 @@ def export_stablelm(src: str | Path, out: str | Path, force: bool = False) -> Ex
     return export_layout(src, out, Layout.STABLELM, force)
 
 
-__all__ = ["export_layout", "export_stablelm", "apply_layout", "check_layout", "stablelm_config", "architecture",
-           "is_inf_stablelm",
-           "ExportReport", "STABLELM_SETTINGS"]
+__all__ = ["export_layout", "export_stablelm", "ExportReport"]

@@ -5,7 +5,6 @@ Adding a Llama-shaped family means adding an entry to LAYER_MAPS, never a class.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -13,7 +12,6 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-log = logging.getLogger(__name__)
 
 
 class Norm(Enum):
@@ -71,7 +69,7 @@ LAYER_MAPS = {
                       LLAMA_SHAPES),
     "inflm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS,
                       LLAMA_SHAPES),
-    # INF-34B in transformers' StableLM layout (export.py): the same modules, names and LayerNorm (weight + bias)
+    # INF-34B in transformers' StableLM layout (layout.py): the same modules, names and LayerNorm (weight + bias)
     "stablelm": LayerMap("model.embed_tokens", "model.layers", "model.norm", "lm_head", Norm.LAYER, LLAMA_GROUPS,
                          LLAMA_SHAPES),
 }

@@ -24,6 +24,7 @@ from torch import nn
 from .config import Layout
 from .errors import CheckpointError
 from .layermap import LayerMap, layer_map_for
+from .layout import check_layout
 from .preflight import PICKLES, check_checkpoint, read_header
 
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32,
@@ -199,7 +200,6 @@ def hf_config(ckpt: Checkpoint, trust_remote_code: bool = False):
     from transformers.models.llama.configuration_llama import LlamaConfig
     from transformers.models.stablelm.configuration_stablelm import StableLmConfig
 
-    from .export import check_layout
     from .models.configuration_inflm import INFLMConfig
 
     classes = {"inflm": INFLMConfig, "llama": LlamaConfig, "stablelm": StableLmConfig}

@@ -20,13 +20,16 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
-from .config import Method, Order, Recipe, to_dict
+from .config import Layout, Method, Order, Recipe, to_dict
 from .errors import ConfigError, resumable
-from .load import safetensors_header
+from .fast_tokenizer import fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
+from .hashing import cache_root, checkpoint_sha256
+from .load import ST_DTYPES, TensorInfo, safetensors_header
+from .layout import stablelm_config
 from .memory import PeakMemory, gib
 from .paths import REPO_ROOT
-from .export import apply_layout
-from .write import copy_side_files, save_file, save_sharded_lazy, write_json
+from .write import (INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, copy_modeling_files, copy_side_files, save_file,
+                    save_sharded_lazy, write_json)
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -35,13 +38,11 @@ STATE = "state.json"
 def fingerprint(ctx) -> dict:
     """What the output bytes depend on; a resumed run must match it exactly. The model enters by content (sha256
     of config.json and every shard), so a refreshed checkpoint of the same shapes does not resume into a mix."""
-    from .baseline import cache_root, checkpoint_sha256
-
     return {
         "recipe": public_recipe(ctx.recipe),
         "calibration_sha256": ctx.calib_sha256,
         "model_config": ctx.ckpt.config,
-        "model_sha256": checkpoint_sha256(ctx.ckpt, cache_root("")),  # content, memoised by (path, size, mtime)
+        "model_sha256": checkpoint_sha256(ctx.ckpt.path, ctx.ckpt.files, cache_root("")),  # content, memoised by (path, size, mtime)
         "device": ctx.device.type,
         "dtype": str(ctx.dtype),
         "inf_quant": __version__,
@@ -158,8 +159,6 @@ def _block_leftovers(ctx, i: int, saved: set[str]) -> list[str]:
 
 def _tensor_plan(ctx, work: WorkDir) -> tuple[dict[str, int], dict[str, Path]]:
     """Ordered name -> bytes of the release, and which work file holds each quantized tensor."""
-    from .load import ST_DTYPES, TensorInfo
-
     sizes, source = {}, {}
     lm = ctx.lmap
     for n in ctx.ckpt.names(lm.embed + "."):
@@ -256,6 +255,28 @@ def write_configs(ctx, staging: Path) -> None:
                                             "recipe": public_recipe(ctx.recipe),
                                             "calibration_sha256": ctx.calib_sha256,
                                             "copied_from_input": copied, "layout": cfg["model_type"]})
+
+
+def apply_layout(cfg: dict, out_dir: Path, layout: Layout, where: str) -> dict:
+    """Write `layout`'s loader files into out_dir (which already holds the tokenizer files); returns config.json.
+
+    Every output whose tokenizer is INFLMTokenizer also gets tokenizer.json, converted from its tokenizer.model.
+    """
+    if is_inflm_tokenizer(out_dir):
+        write_fast_tokenizer(out_dir, out_dir)
+    if cfg.get("model_type") != "inflm":  # llama (layout refused by check_layout unless inflm) or INF stablelm
+        return cfg
+    tcfg_file = out_dir / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_file.read_text(encoding="utf-8")) if tcfg_file.is_file() else None
+    slow = tcfg is not None and tcfg.get("tokenizer_class") == "INFLMTokenizer"
+    if layout is Layout.INFLM:
+        copy_modeling_files(out_dir)
+        if slow:
+            write_json(tcfg_file, {**tcfg, "auto_map": dict(INFLM_TOKENIZER_AUTO_MAP)})
+        return {**cfg, "auto_map": dict(INFLM_AUTO_MAP)}
+    if slow:
+        write_json(tcfg_file, fast_tokenizer_config(tcfg))
+    return stablelm_config(cfg, where)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

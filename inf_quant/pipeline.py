@@ -25,15 +25,16 @@ from torch import nn
 
 from . import output, preflight
 from .awq_block import awq_block, scale_summary
-from .calibrate import calibration_files, document_ids, files_sha256, sample_windows
+from .calibrate import calibration_files, document_ids, sample_windows
 from .config import Method, Recipe
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
-from .export import check_layout
 from .forward import forward_all
 from .gptq_block import gptq_block, set_weight
+from .hashing import files_sha256
 from .head import HEAD, quantize_head
 from .layermap import LayerMap
+from .layout import check_layout
 from .load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
 from .lock import output_lock
 from .memory import MEMORY_MARGIN, Expected, PeakMemory, available_bytes, expected_quantize_peak, gib, largest_fitting

@@ -66,8 +66,3 @@ def from_tensors(t: dict[str, Tensor], method: Method, bits: int, in_features: i
         view.sub_(zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
         return w
     return w.sub_(zero[:, g_idx]).mul_(scale[:, g_idx])
-
-
-def weight_bits(t: dict[str, Tensor]) -> int:
-    """Bits on disk of one quantized Linear's tensors."""
-    return sum(v.numel() * v.element_size() * 8 for v in t.values())

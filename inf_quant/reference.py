@@ -4,7 +4,6 @@ replaced by the weight its packed tensors encode. Tests compare what transformer
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -36,7 +35,3 @@ def load_dequantized(quant_dir: str | Path, dtype: torch.dtype = torch.float32):
             state[name] = ckpt.read([name])[name]
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     return model
-
-
-def quant_method(quant_dir: str | Path) -> str:
-    return json.loads((Path(quant_dir) / "config.json").read_text())["quantization_config"]["quant_method"]

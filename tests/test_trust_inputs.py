@@ -315,6 +315,7 @@ def test_the_lock_is_taken_before_the_tokenizer_or_any_tensor_is_read(tmp_path, 
     assert seen == [True] and not lock_path(out).exists()
 
 
+@pytest.mark.slow  # two concurrent quantization runs, ~14 s
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_succeeds(tmp_path):
     """Two CLI processes, the second started once the first holds the lock (which it now takes in pre-flight, in
     well under a second, not after tokenizing ~10 s in): one line, exit 2, and the first run finishes."""

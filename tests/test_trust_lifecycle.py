@@ -196,6 +196,7 @@ def _gptq(t: Box, *extra) -> list:
     return ["gptq", "--model", t.model(), *FAST, "--out", t.root / "q", *extra]
 
 
+@pytest.mark.slow  # two quantization runs, ~17 s
 def test_sigterm_mid_quantization_keeps_the_work_releases_the_lock_and_resume_gives_the_same_bytes(tmp_path):
     """A real `kill -TERM` of `inf-quant gptq` after its first finished layer: exit 143 with one line, the work
     directory kept (and nothing else), the lock released; --resume then finishes with an uninterrupted run's bytes."""

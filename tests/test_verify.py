@@ -14,6 +14,8 @@ from inf_quant.load import open_checkpoint
 from tiny import build_tiny_checkpoint
 from tolerances import STREAMED_VS_FULL_LOGP_ATOL
 
+pytestmark = pytest.mark.slow  # quantizes and verifies tiny checkpoints through the CLI
+
 FAST = ("--group-size", "32", "--samples", "8", "--seqlen", "64", "-q")
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..config import GPTQConfig, Order
 from ..errors import ConfigError, NumericalError
-from .grid import QuantizedWeight, dequantize, quantize, resolve_group_size, search_qparams
+from .grid import QuantizedWeight, resolve_group_size, search_qparams
 
 log = logging.getLogger(__name__)
 

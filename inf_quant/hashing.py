@@ -1,0 +1,75 @@
+"""Content hashes of files and checkpoints, and the cache directory that memoises them.
+
+Shared by calibration (calibration.sha256), resume fingerprints (output.py), the verify baseline's cache key
+(baseline.py) and release manifests. Torch-free; a checkpoint enters as its directory and weight file names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+UNCACHED = ("cannot write {what} {path} ({why}): going on without it ({cost}); to keep it, pass --cache-dir DIR "
+            "(verify) or set XDG_CACHE_HOME to a writable directory")
+
+
+def file_sha256(path: Path) -> str:
+    return files_sha256((path,))
+
+
+def files_sha256(paths: tuple[Path, ...]) -> str:
+    """sha256 of the files' bytes read one after another (`cat A B | sha256sum`); one file: its own sha256."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def cache_root(cache_dir: str) -> Path:
+    """The cache directory (cache_dir, else $XDG_CACHE_HOME/inf-quant, else ~/.cache/inf-quant), created if
+    possible. It only holds memos (file hashes, baseline results): where it cannot be written, work goes on
+    without them and says so (UNCACHED)."""
+    root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # reported by the first write that fails
+    return root
+
+
+def checkpoint_sha256(model_dir: Path, files: list[str], root: Path) -> str:
+    """sha256 over model_dir's config.json and its weight `files` (name + content), memoised by (path, size, mtime)
+    in root/file-hashes.json when root can be written."""
+    memo_file = root / "file-hashes.json"
+    try:
+        memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    h = hashlib.sha256()
+    for name in ["config.json", *files]:
+        p = (model_dir / name).resolve()
+        st = p.stat()
+        key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = file_sha256(p)
+        h.update(f"{name}:{memo[key]}\n".encode())
+    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(memo, sort_keys=True))
+        os.replace(tmp, memo_file)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning(UNCACHED.format(what="the file-hash memo", path=memo_file, why=e.strerror or e,
+                                    cost="the checkpoint is re-read for its sha256 on every run"))
+    return h.hexdigest()
