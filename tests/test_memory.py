@@ -103,7 +103,10 @@ def test_verify_scoring_does_not_grow_with_eval_windows_under_glibc_defaults(gli
     few, many = glibc_peaks[0][1], glibc_peaks[1][1]
     print(f"scoring peak above its start, glibc defaults: {few / 2**20:.1f} MiB (16 windows), "
           f"{many / 2**20:.1f} MiB (128)")
-    assert many - few < max(0.10 * few, 8 * 2**20), (few / 2**20, many / 2**20)
+    # measured before the fix: 109 -> 416 MiB (+307); after it, in separate runs (2026-12-07): 39 -> 66, 75 -> 94,
+    # 87 -> 87, 79 -> 89 MiB: the phase's starting point moves by tens of MiB of heap slack run to run, in either
+    # direction, not with the window count. 64 MiB keeps ~5x between fixed and unfixed without failing on that slack.
+    assert many - few < max(0.10 * few, 64 * 2**20), (few / 2**20, many / 2**20)
 
 
 def test_verify_baseline_does_not_grow_with_eval_windows_under_glibc_defaults(glibc_peaks):
