@@ -7,18 +7,16 @@ against the same baseline reads the cache instead of recomputing.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
 from . import __version__
 from .forward import forward_all
-from .hashing import UNCACHED, cache_root, checkpoint_sha256
+from .hashing import cache_root, checkpoint_sha256, write_cache
 from .load import Checkpoint, LayerReader, embed_ids, hf_config, load_named, rotary, skeleton
 from .memory import BASELINE_GIB, windows_per_pass
 from .metrics import topk_logprobs
@@ -103,14 +101,7 @@ def baseline_stats(ckpt: Checkpoint, windows: torch.Tensor, top_k: int, device: 
     log.info("baseline: streaming %s layer by layer over %d windows", ckpt.path, len(windows))
     target, topk_logp, topk_idx = streamed_logprobs(ckpt, windows, top_k, device, dtype, batch, trust_remote_code,
                                                     budget_gib, progress)
-    tmp = f.with_suffix(".tmp")
-    try:
-        torch.save({"key": key, "target": target, "topk_logp": topk_logp, "topk_idx": topk_idx,
-                    "inf_quant": __version__}, tmp)
-        os.replace(tmp, f)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        log.warning(UNCACHED.format(what="the baseline cache", path=f, why=e.strerror or e,
-                                    cost="the next verify against this baseline recomputes it"))
+    write_cache(f, lambda tmp: torch.save({"key": key, "target": target, "topk_logp": topk_logp,
+                                           "topk_idx": topk_idx, "inf_quant": __version__}, tmp),
+                "the baseline cache", "the next verify against this baseline recomputes it")
     return BaselineStats(target, topk_logp, topk_idx, key, False)

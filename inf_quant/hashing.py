@@ -19,6 +19,20 @@ UNCACHED = ("cannot write {what} {path} ({why}): going on without it ({cost}); t
             "(verify) or set XDG_CACHE_HOME to a writable directory")
 
 
+def write_cache(path: Path, write, what: str, cost: str) -> None:
+    """Best-effort write of a cache file: write(tmp) then an atomic rename onto `path`; when the location cannot be
+    written, the temporary file is removed and one UNCACHED warning says what is lost (`cost`) instead of failing
+    the run."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning(UNCACHED.format(what=what, path=path, why=e.strerror or e, cost=cost))
+
+
 def file_sha256(path: Path) -> str:
     return files_sha256((path,))
 
@@ -63,13 +77,6 @@ def checkpoint_sha256(model_dir: Path, files: list[str], root: Path) -> str:
         if key not in memo:
             memo[key] = file_sha256(p)
         h.update(f"{name}:{memo[key]}\n".encode())
-    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(memo, sort_keys=True))
-        os.replace(tmp, memo_file)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        log.warning(UNCACHED.format(what="the file-hash memo", path=memo_file, why=e.strerror or e,
-                                    cost="the checkpoint is re-read for its sha256 on every run"))
+    write_cache(memo_file, lambda tmp: tmp.write_text(json.dumps(memo, sort_keys=True)), "the file-hash memo",
+                "the checkpoint is re-read for its sha256 on every run")
     return h.hexdigest()
