@@ -31,13 +31,19 @@ FAST = ("--group-size", "32", "--samples", "4", "--seqlen", "32", "-q")
 CASES: dict = {}
 
 
-def case(cid: str, rc: int, *expect: str):
-    """Register a catalogue row: setup(t) -> argv; the run must exit rc with one line containing every `expect`."""
-    def deco(f):
-        assert cid not in CASES, cid
-        CASES[cid] = (f, rc, expect)
-        return f
-    return deco
+def registrar(cases: dict):
+    """The `case` decorator of one catalogue file (this one and each tests/test_trust_*.py): @case(id, rc, *expect)
+    registers setup(t) -> argv in `cases`; the run must exit rc with one line containing every `expect` (run_case)."""
+    def case(cid: str, rc: int, *expect: str):
+        def deco(f):
+            assert cid not in cases, cid
+            cases[cid] = (f, rc, expect)
+            return f
+        return deco
+    return case
+
+
+case = registrar(CASES)
 
 
 class Box:

@@ -19,19 +19,11 @@ import pytest
 
 from helpers import cli
 from inf_quant.lock import lock_path
-from test_trust import FAST, Box, _gptq, _rewrite_shard, _shard, run_case, snapshot
+from test_trust import FAST, Box, _gptq, _rewrite_shard, _shard, registrar, run_case, snapshot
 from tiny import build_tiny_checkpoint
 
 CASES: dict = {}
-
-
-def case(cid: str, rc: int, *expect: str):
-    """Register a catalogue row: setup(t) -> argv; the run must exit rc with one line containing every `expect`."""
-    def deco(f):
-        assert cid not in CASES, cid
-        CASES[cid] = (f, rc, expect)
-        return f
-    return deco
+case = registrar(CASES)
 
 
 def _edit_config(m: Path, **values) -> Path:

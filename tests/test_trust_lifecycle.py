@@ -26,20 +26,11 @@ import pytest
 
 from helpers import cli
 from inf_quant.paths import REPO_ROOT
-from test_trust import FAST, Box, quantized_src, run_case, snapshot  # noqa: F401  (quantized_src: the shared fixture)
+from test_trust import FAST, Box, quantized_src, registrar, run_case, snapshot  # noqa: F401  (quantized_src: the shared fixture)
 
 
 CASES: dict = {}
-
-
-def case(cid: str, rc: int, *expect: str):
-    """Register a catalogue row: setup(t) -> argv; the run must exit rc with one line containing every `expect`
-    (for rc 0: one stderr line, a logged notice, containing them)."""
-    def deco(f):
-        assert cid not in CASES, cid
-        CASES[cid] = (f, rc, expect)
-        return f
-    return deco
+case = registrar(CASES)  # for rc 0: one logged WARNING line containing the fragments (run_case)
 
 
 # ---- release --check: a published release against its manifest --------------------------------------------------
