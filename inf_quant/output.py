@@ -69,14 +69,17 @@ class WorkDir:
         return self.path / "lm_head.safetensors"
 
     def save_head(self, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = self.path / "lm_head.tmp"
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, self.head_file())
+        self._save(self.head_file(), {k: v.detach().cpu() for k, v in tensors.items()})
 
     def save_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = self.path / f"layer-{i:05d}.tmp"
+        self._save(self.layer_file(i), tensors)
+
+    @staticmethod
+    def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Write a finished piece atomically: a resumed run sees it whole or not at all."""
+        tmp = path.with_suffix(".tmp")
         save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, self.layer_file(i))
+        os.replace(tmp, path)
 
 
 class LayerWriter:
@@ -163,24 +166,21 @@ def _tensor_plan(ctx, work: WorkDir) -> tuple[dict[str, int], dict[str, Path]]:
     lm = ctx.lmap
     for n in ctx.ckpt.names(lm.embed + "."):
         sizes[n] = ctx.ckpt.info(n).nbytes
+    def from_work(f: Path) -> set[str]:
+        """A work file's tensors into the plan (bytes from its header; its file as their source)."""
+        header = {k: v for k, v in safetensors_header(f).items() if k != "__metadata__"}
+        for n, h in header.items():
+            sizes[n], source[n] = TensorInfo(ST_DTYPES[h["dtype"]], tuple(h["shape"])).nbytes, f
+        return set(header)
+
     for i in range(ctx.ckpt.num_layers):
-        f = work.layer_file(i)
-        layer = {k: v for k, v in safetensors_header(f).items() if k != "__metadata__"}
-        for n in _block_leftovers(ctx, i, set(layer)):
+        for n in _block_leftovers(ctx, i, from_work(work.layer_file(i))):
             sizes[n] = ctx.ckpt.info(n).nbytes
-        for n in sorted(layer):
-            sizes[n] = TensorInfo(ST_DTYPES[layer[n]["dtype"]], tuple(layer[n]["shape"])).nbytes
-            source[n] = f
     head = work.head_file()
-    quantized_head = {k: v for k, v in safetensors_header(head).items() if k != "__metadata__"} \
-        if head.is_file() else {}
-    for prefix in (lm.final_norm + ".", lm.lm_head + "."):
+    quantized_head = head.is_file() and from_work(head)  # gptq --lm-head: its GPTQ tensors replace the weight
+    for prefix in (lm.final_norm + ".", *(() if quantized_head else (lm.lm_head + ".",))):
         for n in ctx.ckpt.names(prefix):
-            if not (quantized_head and prefix == lm.lm_head + "."):
-                sizes[n] = ctx.ckpt.info(n).nbytes
-    for n in sorted(quantized_head):          # gptq --lm-head: the head's GPTQ tensors replace its weight
-        sizes[n] = TensorInfo(ST_DTYPES[quantized_head[n]["dtype"]], tuple(quantized_head[n]["shape"])).nbytes
-        source[n] = head
+            sizes[n] = ctx.ckpt.info(n).nbytes
     return dict(sorted(sizes.items(), key=lambda kv: _order_key(kv[0], lm))), source
 
 
