@@ -219,25 +219,30 @@ def fit_checkpoint_vllm(path, card_gib: float = 24.0, context: int | None = None
                         shown_as: str | None = None) -> VllmFit:
     """VllmFit of a checkpoint directory from its headers; with `suggest`, the flags that make `context` fit.
     shown_as: the path the `vllm serve` command names (default: `path` as given)."""
+    config, sizes, names = _read(path, shown_as)
+    return (what_fits if suggest else fit_shapes)(config, sizes, card_gib, context, settings, **names)
+
+
+def _read(path, shown_as: str | None = None) -> tuple[dict, dict[str, int], dict]:
+    """(config, tensor name -> stored bytes, the model/path names a VllmFit shows) from the headers, read once."""
     from pathlib import Path
 
     config, sizes = tensor_sizes(path)
     quant_spec(config)  # refuses a quantization method the model does not know
-    fn = what_fits if suggest else fit_shapes
-    return fn(config, {k: n for k, (n, _) in sizes.items()}, card_gib, context, settings, model=Path(path).name,
-              path=shown_as or str(path))
+    return config, {k: n for k, (n, _) in sizes.items()}, {"model": Path(path).name, "path": shown_as or str(path)}
 
 
 def answer(path, card_gib: float, context: int | None, settings: VllmSettings, as_json: bool) -> tuple[bool, str]:
     """`inf-quant fit --engine vllm`: (fits at `settings`, what to print). The text is the breakdown and verdict,
     the largest --max-model-len with bf16 and with fp8 KV, and when the context does not fit the first LADDER
     settings that make it fit; the JSON is VllmFit.to_dict() plus `fits_with` (that fit's dict, or None)."""
-    report = fit_checkpoint_vllm(path, card_gib, context, settings, suggest=False)
-    better = None if report.fits else fit_checkpoint_vllm(path, card_gib, context, settings)
+    config, sizes, names = _read(path)  # the headers once, for every fit below
+    report = fit_shapes(config, sizes, card_gib, context, settings, **names)
+    better = None if report.fits else what_fits(config, sizes, card_gib, context, settings, **names)
     if as_json:
         return report.fits, json.dumps({**report.to_dict(), "fits_with": better.to_dict() if better and better.fits
                                          else None}, sort_keys=True, default=str)
-    kv = {d: fit_checkpoint_vllm(path, card_gib, None, replace(settings, kv_dtype=d), suggest=False).max_model_len
+    kv = {d: fit_shapes(config, sizes, card_gib, None, replace(settings, kv_dtype=d), **names).max_model_len
           for d in ("auto", "fp8")}
     lines = [report.to_text(), f"largest --max-model-len at these settings: {kv['auto']:,} with bf16 KV, "
                                f"{kv['fp8']:,} with fp8 KV"]
@@ -248,4 +253,5 @@ def answer(path, card_gib: float, context: int | None, settings: VllmSettings, a
     return report.fits, "\n".join(lines)
 
 
-__all__ = ["answer", "VllmSettings", "VllmFit", "fit_shapes", "what_fits", "fit_checkpoint_vllm", "BLOCK_TOKENS", "LADDER"]
+__all__ = ["answer", "VllmSettings", "VllmFit", "fit_shapes", "what_fits", "fit_checkpoint_vllm", "BLOCK_TOKENS",
+           "LADDER"]
