@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -107,26 +108,53 @@ def gptqmodel_worker(config: str, ids_file: str, model: str, out: str) -> None:
     m.save(out)
 
 
-def _scores(model, windows, ref_logp=None) -> tuple[dict, object]:
-    """PPL of model on windows; with ref_logp ([n, T-1, V] fp32 of bf16) also exact KL and top-1."""
+def _score_all(models: dict, base, sets: dict) -> dict:
+    """Every model against the bf16 `base` on every eval set, one window at a time (the bf16 forward runs once per
+    window for all models): {model: {set: {"nll", "kl", "top1", "tokens"} summed}} plus the base's own "nll"
+    under the key None. sets: {name: [n, T] int64 windows}."""
     import torch
 
-    nll, kl, top1, count, logps = 0.0, 0.0, 0, 0, []
-    with torch.no_grad():
-        for i, w in enumerate(windows):
-            logp = torch.log_softmax(model(w[None]).logits[0, :-1].float(), dim=-1)  # [T-1, V]
-            nll -= float(logp.gather(1, w[1:, None]).sum())
-            count += len(w) - 1
-            if ref_logp is None:
-                logps.append(logp.to(torch.bfloat16))
-            else:
-                ref = ref_logp[i].float()
-                kl += float((ref.exp() * (ref - logp)).sum())
-                top1 += int((ref.argmax(-1) == logp.argmax(-1)).sum())
-    out = {"ppl": float(torch.tensor(nll / count).exp())}
-    if ref_logp is not None:
-        out.update(kl=kl / count, top1=top1 / count)
-    return out, logps
+    out = {m: {k: {"nll": 0.0, "kl": 0.0, "top1": 0, "tokens": 0} for k in sets} for m in [None, *models]}
+    with torch.inference_mode():
+        for k, windows in sets.items():
+            for w in windows:
+                ref = torch.log_softmax(base(w[None]).logits[0, :-1].float(), dim=-1)  # [T-1, V]
+                for m, model in [(None, None), *models.items()]:
+                    logp = ref if model is None else torch.log_softmax(model(w[None]).logits[0, :-1].float(), -1)
+                    o = out[m][k]
+                    o["nll"] -= float(logp.gather(1, w[1:, None]).sum())
+                    o["kl"] += float((ref.exp() * (ref - logp)).sum())
+                    o["top1"] += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+                    o["tokens"] += len(w) - 1
+    return out
+
+
+def _rise(q: dict, b: dict) -> float:
+    """PPL rise in % of summed stats q over the base's b (exp of the mean NLL difference)."""
+    import math
+
+    return 100 * (math.exp((q["nll"] - b["nll"]) / q["tokens"]) - 1)
+
+
+def _pool(stats: dict, keys) -> dict:
+    """Token-weighted pool of per-set sums over the sets `keys`."""
+    return {f: sum(stats[k][f] for k in keys) for f in ("nll", "kl", "top1", "tokens")}
+
+
+def heldout_sets(model_dir: str, seqlen: int, max_windows: int) -> dict:
+    """eval/heldout.jsonl (sources the bundled calibration never draws on), one set per source: each source's
+    documents joined by EOS and cut into consecutive windows, at most max_windows of them: {source: [n, T]}."""
+    from collections import defaultdict
+
+    from transformers import AutoTokenizer
+
+    from inf_quant.calibrate import eval_windows, read_records, resolve_text_file
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    by = defaultdict(list)
+    for r in read_records(resolve_text_file("bundled-heldout")):
+        by[r["source"]].append(r["text"])
+    return {k: eval_windows(tok, v, seqlen)[:max_windows] for k, v in sorted(by.items())}
 
 
 def _rtn_model(model_dir: str, method: str, bits: int, group: int):
@@ -146,19 +174,27 @@ def _rtn_model(model_dir: str, method: str, bits: int, group: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--tools", nargs="+", default=["inf-quant", "gptqmodel"])
+    ap.add_argument("--configs", nargs="+", default=["gptq4-g64"], choices=list(CONFIGS))
+    ap.add_argument("--tools", nargs="*", default=["inf-quant", "gptqmodel"])
     ap.add_argument("--ours", nargs="*", default=[], metavar='NAME="ARGS"',
                     help="extra inf-quant variants (extra CLI args), e.g. damp05=\"--damp 0.05\"; "
                          "AWQ variants start with 'awq:', e.g. awqgptq=\"awq: --solve gptq\"")
     ap.add_argument("--tree", nargs="*", default=[], metavar="NAME=DIR",
                     help="also run inf-quant from another checkout (e.g. a git worktree of an older commit)")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
+                    help="calibration seeds: each draws other windows, shared by every tool; tables give medians")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=24)
+    ap.add_argument("--eval-windows", type=int, default=12, help="windows of eval/ (the tuned-on sources' line)")
+    ap.add_argument("--heldout-windows", type=int, default=12, help="windows per held-out source at most")
     ap.add_argument("--out", default="/tmp/inf-quant-peers")
     ap.add_argument("--no-rtn", action="store_true")
+    ap.add_argument("--loader", choices=["dequantized", "transformers"], default="dequantized",
+                    help="dequantized: inf_quant.reference.load_dequantized (the weights the packed tensors encode; "
+                         "tests/test_loader_exact.py holds it equal to gptqmodel's kernels); transformers: "
+                         "from_pretrained through gptqmodel's CPU kernels (as users load it; ~10x slower here)")
+    ap.add_argument("--score-dtype", choices=["bf16", "fp32"], default="bf16",
+                    help="compute dtype of every scored forward, bf16 model and quantized alike (log-softmax in fp32)")
     ap.add_argument("--timeout", type=float, default=3600, help="wall seconds before a quantization is abandoned")
     ap.add_argument("--_worker", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -174,84 +210,118 @@ def main() -> None:
     model = str(ensure_smollm2())
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
-    ids = prepare(Recipe(model=ModelConfig(path=model), calibration=CalibConfig(samples=a.samples, seqlen=a.seqlen),
-                         gptq=GPTQConfig(group_size=64),
-                         output=OutputConfig(dir=str(root / "never-written")))).ids
-    ids_file = root / "calib_ids.pt"
-    torch.save(ids, ids_file)
     tools = {t: [] for t in a.tools}
     tools.update({f"inf-quant {n}": shlex.split(v) for n, v in (o.split("=", 1) for o in a.ours)})
     trees = {f"inf-quant {n}": str(Path(v).resolve()) for n, v in (o.split("=", 1) for o in a.tree)}
     tools.update({n: [] for n in trees})
     runs: dict[tuple[str, str], list[dict]] = {}
-    for rep in range(a.repeat):
-        for config in a.configs:
+    for seed in a.seeds:
+        ids = prepare(Recipe(model=ModelConfig(path=model),
+                             calibration=CalibConfig(samples=a.samples, seqlen=a.seqlen, seed=seed),
+                             gptq=GPTQConfig(group_size=64), output=OutputConfig(dir=str(root / "never-written")))).ids
+        ids_file = root / f"calib_ids_{seed}.pt"
+        torch.save(ids, ids_file)
+        for config in a.configs:  # tools alternate within each seed and config
             method, bits, group = CONFIGS[config]
             for tool, extra in tools.items():
                 if tool != "gptqmodel" and extra and (extra[0] == "awq:") != (method == "awq"):
                     continue  # an --ours variant is for GPTQ unless its args start with "awq:"
                 extra = extra[1:] if extra and extra[0] == "awq:" else extra
-                out = root / f"{tool.replace(' ', '-')}-{config}-{rep}"
+                out = root / f"{tool.replace(' ', '-')}-{config}-s{seed}"
                 log = out.with_suffix(".log")
                 if tool == "gptqmodel":
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", config, str(ids_file), model, str(out)]
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", config, str(ids_file), model,
+                           str(out)]
                 else:
                     cmd = [sys.executable, "-m", "inf_quant", method, "--model", model, "--out", str(out), "--force",
-                           "-q", "--samples", str(a.samples), "--seqlen", str(a.seqlen), "--group-size", str(group),
-                           "--device", "cpu", *(["--bits", str(bits)] if method == "gptq" else []), *extra]
+                           "-q", "--samples", str(a.samples), "--seqlen", str(a.seqlen), "--seed", str(seed),
+                           "--group-size", str(group), "--device", "cpu",
+                           *(["--bits", str(bits)] if method == "gptq" else []), *extra]
                 r = _measured(cmd, log, a.timeout, {"PYTHONPATH": trees[tool]} if tool in trees else {})
-                r.update(size_bytes=_du(out), out=str(out))
+                r.update(size_bytes=_du(out), out=str(out), seed=seed)
                 runs.setdefault((tool, config), []).append(r)
-                print(f"[{rep}] {tool} {config}: {r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} CPU-s, "
+                print(f"[seed {seed}] {tool} {config}: {r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} CPU-s, "
                       f"{r['peak_rss_gib']:.2f} GiB{'' if r['finished'] else ', NOT FINISHED (timeout)'}", flush=True)
 
     from transformers import AutoModelForCausalLM
 
-    from inf_quant.report import signed_pct
+    sets = heldout_sets(model, a.seqlen, a.heldout_windows)
+    heldout = list(sets)
+    sets["eval/ (tuned on)"] = eval_windows(model, a.seqlen, a.eval_windows)
+    from inf_quant.reference import load_dequantized
 
-    windows = eval_windows(model, a.seqlen, a.eval_windows)
-    base, ref = _scores(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), windows)
-    ref = torch.stack(ref)
-    rows = []
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.score_dtype]
+    models = {}
     for config in a.configs:
         method, bits, group = CONFIGS[config]
         if not a.no_rtn:
-            s, _ = _scores(_rtn_model(model, method, bits, group), windows, ref)
-            rows.append({"tool": "round-to-nearest", "config": config, **s})
-        for tool in tools:
-            if (tool, config) not in runs:
-                continue
-            rs = runs[(tool, config)]
-            if not all(r["finished"] for r in rs):
-                rows.append({"tool": tool, "config": config, "unfinished": rs})
-                continue
-            q = AutoModelForCausalLM.from_pretrained(rs[0]["out"], device_map="cpu", dtype=torch.float32,
-                                                     trust_remote_code=True)
-            s, _ = _scores(q, windows, ref)
-            del q
-            med = {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "cpu_s", "peak_rss_gib")}
-            rows.append({"tool": tool, "config": config, **s, **med, "size_bytes": rs[0]["size_bytes"],
-                         "runs": rs})
+            models[("round-to-nearest", config, None)] = _rtn_model(model, method, bits, group).to(dtype)
+        for (tool, c), rs in runs.items():
+            for r in rs:
+                if c == config and r["finished"]:
+                    models[(tool, config, r["seed"])] = (
+                        load_dequantized(r["out"], dtype) if a.loader == "dequantized" else
+                        AutoModelForCausalLM.from_pretrained(r["out"], device_map="cpu", dtype=dtype,
+                                                             trust_remote_code=True))
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    t0 = time.monotonic()
+    stats = _score_all(models, base, sets)
+    print(f"scored {len(models)} models on {sum(len(w) for w in sets.values())} windows in "
+          f"{time.monotonic() - t0:.0f} s", flush=True)
+    rows = []
+    for (tool, config, seed), st in ((k, v) for k, v in stats.items() if k is not None):
+        row = {"tool": tool, "config": config, "seed": seed,
+               "rise": {k: _rise(st[k], stats[None][k]) for k in sets},
+               "kl": {k: st[k]["kl"] / st[k]["tokens"] for k in sets},
+               "top1": {k: st[k]["top1"] / st[k]["tokens"] for k in sets}}
+        pooled = _pool(st, heldout)
+        row["rise"]["held-out pooled"] = _rise(pooled, _pool(stats[None], heldout))
+        row["kl"]["held-out pooled"] = pooled["kl"] / pooled["tokens"]
+        if seed is not None:
+            row.update({k: v for k, v in next(r for r in runs[(tool, config)] if r["seed"] == seed).items()
+                        if k in ("wall_s", "cpu_s", "peak_rss_gib", "size_bytes")})
+        rows.append(row)
+    base_ppl = {k: math.exp(stats[None][k]["nll"] / stats[None][k]["tokens"]) for k in sets}
+    tokens = {k: stats[None][k]["tokens"] for k in sets}
+    (root / "results.json").write_text(json.dumps({"bf16_ppl": base_ppl, "tokens": tokens, "rows": rows,
+                                                   "args": vars(a)}, indent=1))
+    print_table(rows, heldout, base_ppl, tokens, a)
+
+
+def print_table(rows: list[dict], heldout: list[str], base_ppl: dict, tokens: dict, a) -> None:
+    """Markdown: per config and tool, the PPL rise on each held-out source (median over seeds, the seeds' values
+    in brackets when they differ), pooled, eval/, pooled KL, then median CPU s and peak RSS."""
+    cols = [*heldout, "held-out pooled", "eval/ (tuned on)"]
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores; calibration {a.samples} x "
+          f"{a.seqlen} (same ids for every tool), seeds {a.seeds}; predicted tokens: "
+          + ", ".join(f"{k} {tokens[k]}" for k in (*heldout, "eval/ (tuned on)"))
+          + "; bf16 PPL: " + ", ".join(f"{k} {base_ppl[k]:.2f}" for k in (*heldout, "eval/ (tuned on)")) + "\n")
+    print("PPL rise over bf16, median of the seeds [each seed]:\n")
+    print("| config | tool | " + " | ".join(cols) + " | pooled KL | CPU s | peak RSS GiB |")
+    print("|---|---|" + "---:|" * (len(cols) + 3))
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if "ppl" in r:
-            r["ppl_rise_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
-    (root / "results.json").write_text(json.dumps({"bf16": base, "rows": rows, "args": vars(a)}, indent=1))
-    n_tok = windows.numel() - len(windows)
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"calibration {a.samples} x {a.seqlen} (same ids), eval {len(windows)} x {a.seqlen} "
-          f"({n_tok} predicted tokens), bf16 PPL {base['ppl']:.3f}; medians of {a.repeat} alternated runs\n")
-    print("| config | tool | PPL | rise | KL | top-1 | wall s | CPU s | peak RSS GiB | size MB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        if "unfinished" in r:
-            u = r["unfinished"][0]
-            print(f"| {r['config']} | {r['tool']} | did not finish: killed after {u['wall_s']:.0f} s wall, "
-                  f"{u['cpu_s']:.0f} CPU-s | | | | | | | |")
+        groups.setdefault((r["config"], r["tool"]), []).append(r)
+    for (config, tool), rs in groups.items():
+        cells = []
+        for c in cols:
+            v = [r["rise"][c] for r in rs]
+            each = f" [{' / '.join(f'{x:+.1f}' for x in v)}]" if len(v) > 1 else ""
+            cells.append(f"{statistics.median(v):+.1f} %{each}")
+        kl = statistics.median(r["kl"]["held-out pooled"] for r in rs)
+        cpu = (f"{statistics.median(r['cpu_s'] for r in rs):.0f} | {statistics.median(r['peak_rss_gib'] for r in rs):.2f}"
+               if "cpu_s" in rs[0] else " | ")
+        print(f"| {config} | {tool} | " + " | ".join(cells) + f" | {kl:.4f} | {cpu} |")
+    ref = {c: groups.get((c, "gptqmodel")) for c in {r["config"] for r in rows}}
+    print("\nRatio of PPL rises, each tool's median over the seeds / GPTQModel's:\n")
+    print("| config | tool | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---:|" * len(cols))
+    for (config, tool), rs in groups.items():
+        if not ref.get(config) or tool == "gptqmodel":
             continue
-        t = (f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | {r['size_bytes'] / 1e6:.1f}"
-             if "wall_s" in r else "| | |")
-        print(f"| {r['config']} | {r['tool']} | {r['ppl']:.3f} | {signed_pct(r['ppl_rise_pct'], 1)} | {r['kl']:.4f} | "
-              f"{100 * r['top1']:.1f} % | {t} |")
+        cells = [statistics.median(r["rise"][c] for r in rs) / statistics.median(r["rise"][c] for r in ref[config])
+                 for c in cols]
+        print(f"| {config} | {tool} | " + " | ".join(f"{x:.2f} x" for x in cells) + " |")
 
 
 if __name__ == "__main__":

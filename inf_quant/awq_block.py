@@ -113,7 +113,7 @@ def module_output_loss(module: nn.Module, linears: list[nn.Linear], x: torch.Ten
 
 
 def _fold_(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, cfg, batch: int,
-           head_dim: int, notes: list[str]):
+           head_dim: int, notes: list[str], sym: bool = False):
     """Search and fold the group's scale. Returns (the group's input as the scaled weights now see it: x itself,
     divided by the scale in place, ScaleResult or None if no scale could be folded)."""
     mods = [block.get_submodule(n) for n in group.names]
@@ -127,7 +127,7 @@ def _fold_(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, 
             return x, None
         tie = tie.to(x.device)
     loss = module_output_loss(block.get_submodule(group.inspect), mods, x, kwargs, batch) if group.inspect else None
-    res = search_scale(x, [m.weight.float() for m in mods], cfg, loss, tie)
+    res = search_scale(x, [m.weight.float() for m in mods], cfg, loss, tie, sym)
     s = res.scales.to(x.device)
     with torch.no_grad():
         if isinstance(prev, nn.Linear):  # every column sharing a tie has the same scale: scatter picks it
@@ -151,6 +151,35 @@ def group_label(group) -> str:
     return "+".join(n.rsplit(".", 1)[-1] for n in group.names)
 
 
+def _search_and_fold(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple, cfg,
+                     sym: bool) -> tuple[list[torch.Tensor], list[str], dict]:
+    """Steps 1 and 2 of the module docstring: capture, then each group's scale searched (on the symmetric grid if
+    sym, else AWQ's) and folded. Returns (each group's input as its scaled weights now see it [n, T, K], notes,
+    the chosen scale per group: label -> (form, alpha), or ("none", 0.0) where no scale could be folded)."""
+    prefix, groups, batch = ctx.lmap.block_prefix(i), ctx.lmap.groups, ctx.recipe.run.forward_batch
+    head_dim = getattr(ctx.config, "head_dim", None) or ctx.config.hidden_size // ctx.config.num_attention_heads
+    idx = search_samples(hidden.shape[0], hidden.shape[1], cfg.search_tokens).to(hidden.device)
+    xs, kwargs = capture_group_inputs(block, groups, hidden[idx], rope, batch)   # [n, T, K] per group
+    notes: list[str] = []
+    scales = {}
+    for gi, group in enumerate(groups):
+        xs[gi], res = _fold_(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, head_dim, notes, sym)
+        scales[group_label(group)] = (res.form, res.alpha) if res else ("none", 0.0)
+    return xs, notes, scales
+
+
+def smooth_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple) -> tuple[dict, list[str], dict]:
+    """gptq.smooth: awq, before gptq_block: AWQ's scales (the recipe's awq: search settings, GPTQ's group size),
+    searched on GPTQ's symmetric grid and folded (LayerNorm weight and bias for q/k/v and gate/up, v_proj's rows for
+    o_proj, up_proj's for down_proj). Returns (the folded norms as written, in the checkpoint's dtype, notes, the
+    scale per group). The block's weights are left scaled, unquantized: gptq_block then solves them on all samples
+    as usual, and the output is plain GPTQ (the inverse scale lives in the norms/linears before)."""
+    cfg = replace(ctx.recipe.awq, group_size=ctx.recipe.gptq.group_size)
+    xs, notes, scales = _search_and_fold(ctx, block, i, hidden, rope, cfg, sym=True)
+    del xs
+    return _with_folded_norms(ctx, block, ctx.lmap.block_prefix(i), {}), notes, scales
+
+
 def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     """Quantize one layer with AWQ (see the module docstring for the order of operations).
 
@@ -158,15 +187,8 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     ("none", 0.0) where no scale could be folded, and the layer's output [S, T, D] (solve=gptq) or None).
     """
 
-    cfg, prefix, groups, batch = ctx.recipe.awq, ctx.lmap.block_prefix(i), ctx.lmap.groups, ctx.recipe.run.forward_batch
-    head_dim = getattr(ctx.config, "head_dim", None) or ctx.config.hidden_size // ctx.config.num_attention_heads
-    idx = search_samples(hidden.shape[0], hidden.shape[1], cfg.search_tokens).to(hidden.device)
-    xs, kwargs = capture_group_inputs(block, groups, hidden[idx], rope, batch)   # [n, T, K] per group
-    notes: list[str] = []
-    scales = {}
-    for gi, group in enumerate(groups):
-        xs[gi], res = _fold_(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, head_dim, notes)
-        scales[group_label(group)] = (res.form, res.alpha) if res else ("none", 0.0)
+    cfg, prefix, groups = ctx.recipe.awq, ctx.lmap.block_prefix(i), ctx.lmap.groups
+    xs, notes, scales = _search_and_fold(ctx, block, i, hidden, rope, cfg, sym=False)
     if cfg.solve is WeightSolve.GPTQ:  # the scaled layer, quantized by GPTQ group by group (true sequential)
         del xs
         folded = _with_folded_norms(ctx, block, prefix, {})  # rounded to bf16 first: GPTQ sees what is written

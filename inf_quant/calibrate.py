@@ -19,18 +19,20 @@ from .paths import CALIBRATION, EVAL
 log = logging.getLogger(__name__)
 
 CHAT = CALIBRATION.parent / "chat.jsonl"
-BUNDLED = {"bundled": CALIBRATION, "bundled-eval": EVAL}
+# bundled-eval: held-out documents of the calibration sources; bundled-heldout: sources calibration never draws on
+BUNDLED = {"bundled": CALIBRATION, "bundled-eval": EVAL, "bundled-heldout": EVAL.parent / "heldout.jsonl"}
 # calibration.source names of the bundled mixes: plain text (the default model's training text), the chat
 # portion (question/answer conversations from other documents of the same licensed sources), or both
 MIXES = {"bundled": (CALIBRATION,), "bundled-chat": (CHAT,), "bundled-mix": (CALIBRATION, CHAT)}
 
 
 def resolve_text_file(source: str) -> Path:
-    """'bundled' (the calibration set), 'bundled-eval', or a path to a .jsonl (field `text`) or .txt file."""
+    """'bundled' (the calibration set), 'bundled-eval', 'bundled-heldout', or a path to a .jsonl (field `text`) or
+    .txt file."""
     path = BUNDLED.get(source, Path(source))
     if not path.is_file():
-        raise ConfigError(f"text source {source!r}: no such file; use 'bundled', 'bundled-eval' or a path to "
-                          ".jsonl/.txt")
+        raise ConfigError(f"text source {source!r}: no such file; use 'bundled', 'bundled-eval', 'bundled-heldout' "
+                          "or a path to .jsonl/.txt")
     if path.suffix not in (".jsonl", ".txt"):
         raise ConfigError(f"text source {path}: expected a .jsonl (one {{'text': ...}} per line) or .txt file")
     return path

@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-steps", type=int, help="range-shrink candidates per group searched for the least "
                                                    "error; 0 = plain min/max (default: see README)")
     g.add_argument("--damp", type=float, help="damping, fraction of mean diag(H) (default 0.01)")
+    g.add_argument("--clip-norm", type=float, help="the range search's error norm p: sum |w - q|^p (default 2.4)")
+    g.add_argument("--clip-weight", action=argparse.BooleanOptionalAction, default=None,
+                   help="weigh each column's error in the range search by diag(H) (default off)")
+    g.add_argument("--smooth", choices=["none", "awq"],
+                   help="awq: AWQ's activation-aware scales folded into the norms/linears before the GPTQ solve; "
+                        "the output stays plain GPTQ v1 (default none)")
     g.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=None,
                    help="also quantize the lm_head (default off; INF layout only: vLLM with integrations/vllm, "
                         "transformers through the copied modeling code)")
@@ -181,7 +187,7 @@ def _given(**kw) -> dict:
 
 def recipe_from_args(args: argparse.Namespace):
     from .config import (AWQConfig, CalibConfig, CudaPath, DType, GPTQConfig, Layout, Method, ModelConfig, Order,
-                         OutputConfig, Recipe, RunConfig, WeightSolve, parse_device)
+                         OutputConfig, Recipe, RunConfig, Smooth, WeightSolve, parse_device)
 
     method = Method(args.command)
     q = _given(bits=args.bits, group_size=args.group_size)
@@ -190,7 +196,8 @@ def recipe_from_args(args: argparse.Namespace):
     if method is Method.GPTQ:
         q.update(_given(sym=args.sym, order=Order(args.order) if args.order else None,
                         static_groups=args.static_groups, damp=args.damp, clip_steps=args.clip_steps,
-                        lm_head=args.lm_head))
+                        lm_head=args.lm_head, smooth=Smooth(args.smooth) if args.smooth else None,
+                        clip_norm=args.clip_norm, clip_weight=args.clip_weight))
     return Recipe(
         method=method,
         model=ModelConfig(path=args.model or "bundled", trust_remote_code=args.trust_remote_code,

@@ -38,6 +38,13 @@ class Order(Enum):
     ACT = "act"                  # all columns by diag(H) (desc_act); g_idx unsorted unless static_groups
 
 
+class Smooth(Enum):
+    """What GPTQ does to the layer before its solve."""
+
+    NONE = "none"
+    AWQ = "awq"  # AWQ's activation-aware scale search, folded into the previous norm/linear; output stays GPTQ v1
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     bits: int = 4
@@ -51,7 +58,9 @@ class GPTQConfig:
     clip_steps: int = 20         # per-group range shrink candidates searched for the least error; 0 = min/max
     clip_max_shrink: float = 0.2  # the smallest range tried is (1 - clip_max_shrink) x min/max
     clip_norm: float = 2.4       # error = sum |w - q|^clip_norm (the GPTQ reference's find_params(mse=True))
+    clip_weight: bool = False    # weigh each column's error in that sum by diag(H) (its mean squared input)
     lm_head: bool = False        # also GPTQ the lm_head (head.py; `lm_head: true` for GPTQModel and vLLM)
+    smooth: Smooth = Smooth.NONE  # awq: the AWQ scale search (recipe's awq: search keys) folded in before the solve
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -66,6 +75,9 @@ class GPTQConfig:
             raise ConfigError("gptq.static_groups only applies with order: act")
         if self.clip_steps < 0 or not 0 <= self.clip_max_shrink < 1 or self.clip_norm <= 0:
             raise ConfigError("gptq: clip_steps must be >= 0, clip_max_shrink in [0, 1), clip_norm > 0")
+        if self.smooth is Smooth.AWQ and self.bits != 4:
+            raise ConfigError(f"gptq.smooth: awq (--smooth awq) is for 4-bit; got bits {self.bits} (8-bit GPTQ "
+                              f"loses ~0 already)")
 
 
 class ScaleForms(Enum):

@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import output, preflight
-from .awq_block import awq_block, scale_summary
+from .awq_block import awq_block, scale_summary, smooth_block
 from .calibrate import calibration_files, document_ids, sample_windows
-from .config import Method, Recipe
+from .config import Method, Recipe, Smooth
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
 from .forward import forward_all
@@ -127,8 +127,10 @@ def quantize_layer(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor,
     """(checkpoint tensors, losses, notes, AWQ scale per group, the layer's output [S, T, D] or None) for one
     layer; None: the caller runs the quantized layer (forward_all)."""
     if ctx.recipe.method is Method.GPTQ:
+        folded, smooth_notes, scales = ({}, [], {}) if ctx.recipe.gptq.smooth is Smooth.NONE else \
+            smooth_block(ctx, block, i, hidden, rope)
         tensors, losses, notes, out = gptq_block(ctx, block, i, hidden, rope)
-        return tensors, losses, notes, {}, out
+        return {**tensors, **folded}, losses, smooth_notes + notes, scales, out
     return awq_block(ctx, block, i, hidden, rope)
 
 
@@ -163,7 +165,8 @@ def expected_peak(ctx: Context) -> Expected:
 
 
 def _expected(r: Recipe, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, S: int, T: int) -> Expected:
-    awq = min(S, max(1, r.awq.search_tokens // T)) if r.method is Method.AWQ else 0
+    searched = r.method is Method.AWQ or r.gptq.smooth is not Smooth.NONE  # AWQ's scale search (also gptq smooth)
+    awq = min(S, max(1, r.awq.search_tokens // T)) if searched else 0
     return expected_quantize_peak(ckpt.layer_map, ckpt.config, S, T, r.run.forward_batch, dtype.itemsize,
                                   flash_attention=True, awq_samples=awq, on_host=device.type == "cpu",
                                   lm_head=r.method is Method.GPTQ and r.gptq.lm_head)

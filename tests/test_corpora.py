@@ -66,3 +66,23 @@ def test_every_source_has_provenance_and_manifest_matches():
     for r in rows(CALIBRATION) + rows(EVAL) + rows(CHAT):
         assert f"`{r['source']}`" in provenance, f"source {r['source']} has no PROVENANCE entry"
         assert (REPO_ROOT / "calibration" / "licenses").joinpath(r["source"] + ".txt").is_file(), r["source"]
+
+
+def test_heldout_set_is_other_sources_with_provenance():
+    """eval/heldout.jsonl (bench/peers.py's and the CI gate's accuracy text): at least three sources, none of them a
+    calibration source, each with its licence file and enough text to score on, and bytes the manifest names."""
+    heldout = REPO_ROOT / "eval" / "heldout.jsonl"
+    manifest = json.loads((REPO_ROOT / "eval" / "HELDOUT.json").read_text())
+    assert manifest["sha256"] == hashlib.sha256(heldout.read_bytes()).hexdigest()
+    recs = rows(heldout)
+    sources = {r["source"] for r in recs}
+    calib_sources = {r["source"] for r in rows(CALIBRATION) + rows(CHAT) + rows(EVAL)}
+    assert len(sources) >= 3 and not sources & calib_sources, sources & calib_sources
+    assert {r["lang"] for r in recs} >= {"en", "zh", "code"}
+    for name in sources:
+        got = [r for r in recs if r["source"] == name]
+        m = manifest["sources"][name]
+        assert (m["records"], m["chars"]) == (len(got), sum(len(r["text"]) for r in got)), name
+        assert m["chars"] >= 15_000 and len(m["files"]) >= 4, name
+        assert all(r["license"] == m["license"] for r in got), name
+        assert (REPO_ROOT / "eval" / "licenses" / f"{name}.txt").stat().st_size > 500, name

@@ -21,17 +21,20 @@ FAST = ("--group-size", "32", "--samples", "8", "--seqlen", "64", "-q")
 IDS = [[5, 17, 250, 1024, 7, 3000, 42, 99, 512, 8000, 6, 77]]
 
 
+VARIANTS = {"gptq": (), "awq": (), "awq-rtn": ("--solve", "rtn"), "gptq-smooth": ("--smooth", "awq")}
+
+
 @pytest.fixture(scope="module", params=[("gptq", "inflm"), ("gptq", "llama"), ("awq", "inflm"), ("awq", "llama"),
-                                        ("awq-rtn", "inflm")], ids=lambda p: "-".join(p))
+                                        ("awq-rtn", "inflm"), ("gptq-smooth", "inflm")], ids=lambda p: "-".join(p))
 def quantized(request, tmp_path_factory):
-    """awq-rtn: AutoAWQ's clip search + round to nearest (--solve rtn) instead of the default GPTQ solve."""
+    """awq-rtn: AutoAWQ's clip search + round to nearest (--solve rtn) instead of the default GPTQ solve;
+    gptq-smooth: AWQ's scales folded into the LayerNorms (weight and bias) and v/up_proj, then the GPTQ solve."""
     variant, kind = request.param
     root = tmp_path_factory.mktemp(f"{variant}-{kind}")
     model = build_tiny_checkpoint(root / "bf16", kind)
     out = root / "w4"
-    method, *solve = variant.split("-")
-    extra = ("--solve", solve[0]) if solve else ()
-    assert cli(method, "--bits", "4", "--model", model, "--out", out, *FAST, *extra)[0] == 0
+    method = variant.split("-")[0]
+    assert cli(method, "--bits", "4", "--model", model, "--out", out, *FAST, *VARIANTS[variant])[0] == 0
     return method, kind, model, out
 
 
@@ -56,6 +59,12 @@ def test_output_is_standard_gptq_v1(quantized):
                                       "sym": True, "checkpoint_format": "gptq", "true_sequential": True,
                                       "damp_percent": 0.01, "meta": None}
     tensors = _tensors(out)
+    smoothed = json.loads((out / "inf_quant.json").read_text())["recipe"]["gptq"]["smooth"] == "awq"
+    src = _tensors(model)   # a smoothed output's norms carry the scales; otherwise they are copied unchanged
+    for n in ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight"):
+        if f"model.layers.1.{n}" in src:  # RMSNorm: no bias
+            a, b = src[f"model.layers.1.{n}"][:], tensors[f"model.layers.1.{n}"][:]
+            assert a.dtype == b.dtype and torch.equal(a, b) != smoothed, n
     p = "model.layers.1.mlp.down_proj."  # K = 192, N = 64, G = 32
     assert tensors[p + "qweight"].get_dtype() == "I32" and tensors[p + "qweight"].get_shape() == [192 // 8, 64]
     assert tensors[p + "qzeros"].get_shape() == [6, 64 // 8] and tensors[p + "qzeros"].get_dtype() == "I32"
@@ -76,6 +85,12 @@ def test_output_is_standard_awq_gemm(quantized):
                  "modules_to_not_convert": ["lm_head"]}
     assert not (out / "quantize_config.json").exists()
     tensors = _tensors(out)
+    smoothed = json.loads((out / "inf_quant.json").read_text())["recipe"]["gptq"]["smooth"] == "awq"
+    src = _tensors(model)   # a smoothed output's norms carry the scales; otherwise they are copied unchanged
+    for n in ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight"):
+        if f"model.layers.1.{n}" in src:  # RMSNorm: no bias
+            a, b = src[f"model.layers.1.{n}"][:], tensors[f"model.layers.1.{n}"][:]
+            assert a.dtype == b.dtype and torch.equal(a, b) != smoothed, n
     p = "model.layers.1.mlp.down_proj."  # K = 192, N = 64, G = 32
     assert tensors[p + "qweight"].get_shape() == [192, 64 // 8] and tensors[p + "qweight"].get_dtype() == "I32"
     assert tensors[p + "qzeros"].get_shape() == [6, 64 // 8] and tensors[p + "qzeros"].get_dtype() == "I32"

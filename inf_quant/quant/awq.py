@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..config import AWQConfig, ScaleForms
 from ..errors import ConfigError, NumericalError
-from .grid import QuantizedWeight
+from .grid import QuantizedWeight, dequantize_weight, rtn_quantize
 
 __all__ = [
     "ScaleResult", "ClipResult", "activation_stats", "weight_stats", "scale_candidates", "linear_output_loss",
@@ -86,18 +86,17 @@ def _fake_quant(w: Tensor, bits: int, group_size: int, zero_point: bool) -> Tens
 
     w: [N, K] fp32    not modified
     returns [N, K] fp32, each group of G columns on its own grid: asymmetric min/max with an integer
-    zero point in [0, 2**bits - 1] if zero_point, else symmetric max|w| over [-2**(bits-1), 2**(bits-1) - 1].
+    zero point in [0, 2**bits - 1] if zero_point, else GPTQ's symmetric grid (grid.rtn_quantize, sym: range
+    [-max|w|, max|w|] in 2**bits - 1 steps, zero 2**(bits-1)), the grid gptq.smooth: awq's solve writes.
     """
     n, k = w.shape
-    wg = w.to(torch.float32).reshape(-1, _group_size(k, group_size))
-    if zero_point:
-        max_int = 2**bits - 1
-        scale, zero = _asym_qparams(wg, bits)
-        q = (torch.clamp(torch.round(wg / scale) + zero, 0, max_int) - zero) * scale
-    else:
-        max_int, min_int = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
-        scale = wg.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / max_int
-        q = torch.clamp(torch.round(wg / scale), min_int, max_int) * scale
+    g = _group_size(k, group_size)
+    if not zero_point:
+        return dequantize_weight(rtn_quantize(w.to(torch.float32), bits, g, sym=True))
+    wg = w.to(torch.float32).reshape(-1, g)
+    max_int = 2**bits - 1
+    scale, zero = _asym_qparams(wg, bits)
+    q = (torch.clamp(torch.round(wg / scale) + zero, 0, max_int) - zero) * scale
     return q.reshape(n, k)
 
 
@@ -210,7 +209,8 @@ def _tied_mean(v: Tensor, tie: Tensor) -> Tensor:
 
 
 def search_scale(x: Tensor, weights: list[Tensor], cfg: AWQConfig,
-                 loss: Callable[[list[Tensor]], float] | None = None, tie: Tensor | None = None) -> ScaleResult:
+                 loss: Callable[[list[Tensor]], float] | None = None, tie: Tensor | None = None,
+                 sym: bool = False) -> ScaleResult:
     """Grid search for the AWQ per-channel scale (Lin et al. 2023, Sec. 3.2, Eq. 4-5; AutoAWQ duo scaling).
 
     x:       [..., K] bf16/fp32   the group's shared input, e.g. [M, K] or [n, T, K]; not modified
@@ -219,6 +219,7 @@ def search_scale(x: Tensor, weights: list[Tensor], cfg: AWQConfig,
              linear_output_loss(x, weights). The pipeline passes the MSE of the module the group feeds.
     tie:     [K] int64 or None (fold_index): channels with equal tie[c] must share one scale (GQA v -> o); the
              statistics are averaged over each tie, candidates built on those, and s = s_free[tie].
+    sym:     score candidates on the symmetric grid (GPTQ's, for gptq.smooth: awq) instead of AWQ's asymmetric one
     The candidates are scale_candidates(activation_stats(x), weight_stats(weights), cfg). Per form, every
     cfg.coarse_step-th alpha is scored first (a = 0 included), then the coarse_step - 1 grid neighbours on each
     side of that form's best; coarse_step = 1 scores the whole grid (AutoAWQ). With the default 2 and 20 points
@@ -245,7 +246,7 @@ def search_scale(x: Tensor, weights: list[Tensor], cfg: AWQConfig,
 
     def score(form: str, alpha: float, s: Tensor) -> float:
         nonlocal best
-        value = loss([_fake_quant(w * s, cfg.bits, cfg.group_size, cfg.zero_point) / s for w in ws32])
+        value = loss([_fake_quant(w * s, cfg.bits, cfg.group_size, not sym) / s for w in ws32])
         tried.append((form, alpha, value))
         if best is None or value < best[3]:
             best = (form, alpha, s, value)

@@ -138,9 +138,12 @@ def solve_order(diag: Tensor, G: int, order: Order) -> Tensor | None:
     return (groups.unsqueeze(1) * G + local[groups]).reshape(-1)
 
 
-def _group_qparams(w: Tensor, cfg: GPTQConfig) -> tuple[Tensor, Tensor]:
-    """Qparams of each row of w: [..., G] -> scale, zero [...]; min/max, or the clip search if cfg asks."""
-    return search_qparams(w, cfg.bits, cfg.sym, cfg.clip_steps, cfg.clip_max_shrink, cfg.clip_norm)
+def _group_qparams(w: Tensor, cfg: GPTQConfig, hdiag: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Qparams of each row of w: [..., G] -> scale, zero [...]; min/max, or the clip search if cfg asks.
+    hdiag: [G] fp32 diag(H) of the group's columns (in w's column order), or None; with cfg.clip_weight it weighs
+    each column's error in the search (an input channel's error costs its mean squared activation)."""
+    weight = hdiag if cfg.clip_weight and hdiag is not None else None
+    return search_qparams(w, cfg.bits, cfg.sym, cfg.clip_steps, cfg.clip_max_shrink, cfg.clip_norm, weight)
 
 
 def _current_group(W: Tensor, W1: Tensor, Err1: Tensor, Hinv: Tensor, i1: int, i: int, G: int) -> Tensor:
@@ -178,7 +181,7 @@ def _column_(W1: Tensor, Err1: Tensor, Hinv1: Tensor, loss: Tensor, i: int, e: i
 
 
 def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int],
-           static: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+           static: tuple[Tensor, Tensor] | None, hdiag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The blocked GPTQ column loop (Alg. 1 with lazy batch updates) over columns in solve order.
 
     W:    [N, K] fp32  weights in solve order; private working copy, modified in place
@@ -187,6 +190,7 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int
     static: (scale, zero [N, n_groups]) fixed before the solve, or None: the qparams of each group are fixed
             at its first solve position (j % G == 0; each group's G columns are consecutive in solve order)
             from the current weights of the G columns starting there.
+    hdiag: [K] fp32 diag(H) in solve order (undamped), for cfg.clip_weight; None otherwise
     returns codes [N, K] uint8 (solve order), scale and zero [N, n_groups], the proxy loss per row [N].
 
     Two levels of lazy updates: columns go in blocks of cfg.block_size (B) whose error reaches the later columns
@@ -223,7 +227,8 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int
                 if i > s1 and e < B:                 # the group's columns must be current: flush the run so far
                     W1[:, e:] -= Err1[:, s1:i] @ Hinv1[s1:i, e:]  # (the run's own columns already are)
                     s1 = i
-                scale[:, g], zero[:, g] = _group_qparams(_current_group(W, W1, Err1, Hinv, i1, i, G), cfg)
+                scale[:, g], zero[:, g] = _group_qparams(_current_group(W, W1, Err1, Hinv, i1, i, G), cfg,
+                                                         None if hdiag is None else hdiag[j:j + G])
             if g != g_cur:
                 sc, zf, g_cur = scale[:, g], zero[:, g].to(torch.float32), g
             codes[:, j] = _column_(W1, Err1, Hinv1, loss, i, e, sc, zf, d1[i], maxq)
@@ -261,7 +266,8 @@ def _aligned_block(W1: Tensor, Hinv1: Tensor, cfg: GPTQConfig) -> tuple[Tensor, 
 
 def graphable(K: int, G: int, cfg: GPTQConfig) -> bool:
     """Whether _solve_graphed applies: every block is one whole group with its qparams fixed at its start."""
-    return G == cfg.block_size and K % G == 0 and not cfg.static_groups and cfg.order is not Order.ACT
+    return (G == cfg.block_size and K % G == 0 and not cfg.static_groups and cfg.order is not Order.ACT
+            and not cfg.clip_weight)
 
 
 def _solve_graphed(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int], capture: bool = True):
@@ -350,12 +356,13 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear",
     col_group = (torch.arange(K) // G if cfg.order is Order.ACT and static is None else col.cpu() // G).tolist()
     if perm is not None:
         W, H = W[:, perm], H[perm.unsqueeze(1), perm]             # one gather: a single new [K, K]
+    hdiag = H.diagonal().clone() if cfg.clip_weight else None   # [K] solve order, before damping
     Hinv, damp = _damped_hinv_(H, cfg, name)
     del H
     if cuda_graphs and W.is_cuda and graphable(K, G, cfg):
         codes, scale, zero, loss = _solve_graphed(W, Hinv, G, cfg, col_group)
     else:
-        codes, scale, zero, loss = _solve(W, Hinv, G, cfg, col_group, static)
+        codes, scale, zero, loss = _solve(W, Hinv, G, cfg, col_group, static, hdiag)
     g_idx = torch.arange(K, device=w.device) // G
     if perm is not None:
         invperm = torch.argsort(perm)                               # solve position of each column
