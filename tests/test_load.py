@@ -41,9 +41,9 @@ def _spy_reads(monkeypatch):
 
     asked, real = [], load.read_safetensors
 
-    def spy(path, keys):
+    def spy(path, keys, *header):
         asked.extend(keys)
-        return real(path, keys)
+        return real(path, keys, *header)
 
     monkeypatch.setattr(load, "read_safetensors", spy)
     return asked
@@ -113,10 +113,10 @@ def test_layer_reader_reads_ahead_and_matches_load_block(tiny_ckpt, monkeypatch)
 
     real = load.read_safetensors
 
-    def failing(path, keys):
+    def failing(path, keys, *header):
         if any(k.startswith("model.layers.1.") for k in keys):
             raise CheckpointError("layer 1 is unreadable")
-        return real(path, keys)
+        return real(path, keys, *header)
 
     monkeypatch.setattr(load, "read_safetensors", failing)
     with LayerReader(ckpt, skel, "cpu", torch.float32) as reader:

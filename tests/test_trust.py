@@ -167,13 +167,13 @@ def _(t):
 
 @case("out-not-writable", 2, "is not writable", "choose an output directory you can write")
 def _(t):
-    t.mp.setattr("inf_quant.preflight.os.access", lambda p, mode: False)  # root ignores chmod; see the tmpfs test
+    t.mp.setattr(os, "access", lambda p, mode: False)  # root ignores chmod; see the tmpfs test
     return _gptq(t, "--out", t.root / "q")
 
 
 @case("disk-too-small", 2, "needs about", "GB free", "free space or choose --out on another disk")
 def _(t):
-    t.mp.setattr("inf_quant.preflight.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 10**6))
+    t.mp.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 10**6))
     return _gptq(t, "--out", t.root / "q")
 
 
