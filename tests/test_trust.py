@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.lock import _start_tick, lock_path, output_lock
+from inf_quant.lock import start_tick, lock_path, output_lock
 from inf_quant.errors import ConfigError
 from inf_quant.paths import REPO_ROOT
 from tiny import build_tiny_checkpoint
@@ -181,7 +181,7 @@ def _(t):
 def _(t):
     out = t.root / "q"
     lock_path(out).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                          "tick": _start_tick(os.getpid()), "started": "now"}))
+                                          "tick": start_tick(os.getpid()), "started": "now"}))
     return _gptq(t, "--out", out)
 
 
