@@ -31,10 +31,6 @@ class CheckedCheckpoint:
     weight_map: dict[str, str]  # tensor name -> shard file (empty for pickle checkpoints)
     pickle: bool = False        # weights in torch pickle files (allow_pickle): tensors and weight map not inspected
 
-    @property
-    def bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
 
 def _json_file(path: Path, what: str) -> dict:
     try:
