@@ -219,7 +219,7 @@ def _with_folded_norms(ctx, block: nn.Module, prefix: str, tensors: dict) -> dic
         if not isinstance(prev, nn.Linear):
             for pname, p in prev.named_parameters():
                 full = f"{prefix}{group.input_from}.{pname}"
-                stored = p.detach().to(ctx.ckpt.info(full).dtype).cpu()  # the checkpoint's dtype (bf16)
+                stored = p.detach().to(ctx.ckpt.dtype(full)).cpu()  # the checkpoint's dtype (bf16)
                 tensors[full] = stored
                 p.data = stored.to(p)  # propagate with exactly what is written (a resumed run reads it back)
     return tensors

@@ -303,12 +303,12 @@ def _verify(args) -> int:
     from . import preflight
 
     cfg = verify_config_from_args(args)
-    preflight.for_verify(cfg)
+    plan = preflight.for_verify(cfg)
 
     from .verify import verify
 
     with library_stdout(args):
-        report = verify(cfg, progress=_PhaseProgress(args.quiet or args.json))
+        report = verify(cfg, progress=_PhaseProgress(args.quiet or args.json), plan=plan)
     print(json.dumps(report.data, sort_keys=True) if args.json else report.to_text())
     return 0 if report.passed else 1
 
@@ -357,12 +357,12 @@ def _release(args) -> int:
 def _export(args) -> int:
     from . import preflight
 
-    preflight.for_export(args.src, args.out, args.force)
+    checked = preflight.for_export(args.src, args.out, args.force)
 
     from .config import Layout
     from .export import export_layout
 
-    report = export_layout(args.src, args.out, Layout(args.layout), args.force)
+    report = export_layout(args.src, args.out, Layout(args.layout), args.force, checked)
     print(json.dumps(report.summary(), sort_keys=True) if args.json else report.to_text())
     return 0
 

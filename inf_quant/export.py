@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .checkpoint import CheckedCheckpoint
 from .config import Layout
 from .errors import CheckpointError, ConfigError
 from .fast_tokenizer import FAST_TOKENIZER_FILE
@@ -57,17 +58,18 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
     return False
 
 
-def export_layout(src: str | Path, out: str | Path, layout: Layout, force: bool = False) -> ExportReport:
+def export_layout(src: str | Path, out: str | Path, layout: Layout, force: bool = False,
+                  checked: CheckedCheckpoint | None = None) -> ExportReport:
     """Write src (an inflm checkpoint: bf16, GPTQ or AWQ) in `layout` into out, atomically.
 
     Tensors and every other file keep their bytes (hard links where possible); config.json, tokenizer_config.json
     and tokenizer.json are rewritten; inf_quant.json records the layout; verify's reports of src (which describe
     src's files) are not carried. stablelm drops the modeling files; inflm writes inf-quant's current ones, so
     `--as inflm` of INF's original checkpoint is that checkpoint plus the exact fast tokenizer (tokenizer.json)
-    that serving engines need.
+    that serving engines need. checked: pre-flight's check of src (preflight.for_export), not read again.
     """
     src, out = Path(src), Path(out)
-    ckpt = open_checkpoint(src)
+    ckpt = open_checkpoint(src, checked=checked)
     if ckpt.model_type != "inflm":
         raise CheckpointError(f"{src}: export --as {layout.value} takes an inflm checkpoint; this one is model_type "
                               f"{ckpt.model_type!r}")

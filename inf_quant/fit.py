@@ -24,14 +24,16 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .checkpoint import CheckedCheckpoint, check_checkpoint
 from .config import VerifyConfig
 from .errors import CheckpointError, ConfigError
 from .layermap import LAYER_MAPS
+from .load import Checkpoint
 from .memory import expected_verify_peak
-from .load import open_checkpoint
 
 GB = 10**9
 GIB = 2**30
+Checked = CheckedCheckpoint | Checkpoint  # a checkpoint whose config and headers were read and checked
 
 # Bytes per stored K or V element. fp8 assumes a cache that stores 1-byte K/V (e.g. vLLM kv_cache_dtype="fp8");
 # transformers' DynamicCache stores the model dtype (fp16/bf16).
@@ -324,27 +326,22 @@ def _verify_need(config: dict, weights_bytes: int, max_pos: int, bits: int | Non
     return {"verify_seqlen": seqlen, "verify_bytes": exp.total + overhead_bytes(exp.total)}
 
 
-def tensor_sizes(path: str | Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...]]]]:
-    """(config, name -> (stored bytes, shape)) of every tensor in a checkpoint, from the safetensors headers alone."""
-    ckpt = open_checkpoint(path)
-    sizes = {}
-    for name in sorted(ckpt.weight_map):
-        try:
-            info = ckpt.info(name)
-        except KeyError as e:
-            raise CheckpointError(f"{ckpt.path}: cannot size tensor {name!r} from the safetensors headers "
-                                  f"({e} is missing from its shard or has an unsupported dtype)") from None
-        sizes[name] = (info.nbytes, tuple(info.shape))
-    return ckpt.config, sizes
+def tensor_sizes(path: str | Path,
+                 checked: Checked | None = None) -> tuple[dict, dict[str, tuple[int, tuple[int, ...]]]]:
+    """(config, name -> (stored bytes, shape)) of every tensor in a checkpoint, from the safetensors headers alone.
+    checked: this directory already checked (pre-flight's check_checkpoint, or load.open_checkpoint's Checkpoint), its
+    headers used as they are; None reads and checks them here."""
+    ck = checked or check_checkpoint(path, bf16_input=False)
+    return ck.config, {name: (ck.tensors[name].nbytes, ck.tensors[name].shape) for name in sorted(ck.weight_map)}
 
 
-def checkpoint_bytes(path: str | Path) -> tuple[dict, int, int]:
+def checkpoint_bytes(path: str | Path, checked: Checked | None = None) -> tuple[dict, int, int]:
     """(config, sum of all tensor bytes, fp16 bytes of the largest quantized Linear) from the headers alone.
 
     The largest Linear's N * K comes from its qweight: 32 / bits codes per int32, in GPTQ's [K*bits/32, N]
-    and AWQ's [K, N*bits/32] layouts alike.
+    and AWQ's [K, N*bits/32] layouts alike. checked: as tensor_sizes.
     """
-    config, sizes = tensor_sizes(path)
+    config, sizes = tensor_sizes(path, checked)
     _, bits = quant_spec(config)
     total = sum(n for n, _ in sizes.values())
     largest = max((math.prod(shape) * 32 // bits for name, (_, shape) in sizes.items()
@@ -356,11 +353,11 @@ def checkpoint_bytes(path: str | Path) -> tuple[dict, int, int]:
 
 
 def fit_checkpoint(path: str | Path, vram_gib: float = 24.0, context: int | None = None, batch: int = 1,
-                   kv_dtype: str = "fp16") -> FitReport:
+                   kv_dtype: str = "fp16", checked: Checked | None = None) -> FitReport:
     """FitReport for a checkpoint directory (bf16, GPTQ or AWQ) on one GPU of `vram_gib` GiB.
 
     context None means the model's max_position_embeddings. Raises CheckpointError for a missing or malformed
-    directory and ConfigError for bad settings (context < 1, unknown kv_dtype, ...).
+    directory and ConfigError for bad settings (context < 1, unknown kv_dtype, ...). checked: as tensor_sizes.
     """
-    config, weights, dequant = checkpoint_bytes(path)
+    config, weights, dequant = checkpoint_bytes(path, checked)
     return fit_from_shapes(config, weights, vram_gib, context, batch, kv_dtype, dequant, Path(path).name)

@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from .errors import ConfigError
-from .fit import GIB, KV_DTYPE_BYTES, quant_spec, activation_bytes, memory_model, tensor_sizes
+from .fit import GIB, KV_DTYPE_BYTES, Checked, quant_spec, activation_bytes, memory_model, tensor_sizes
 
 BLOCK_TOKENS = 16              # vLLM's default KV block size on CUDA (vllm/config/cache.py)
 GPU_MEMORY_UTILIZATION = 0.9   # vLLM's default (vllm/config/cache.py)
@@ -216,18 +216,19 @@ def what_fits(config: dict, tensor_bytes: dict[str, int], card_gib: float, conte
 
 def fit_checkpoint_vllm(path, card_gib: float = 24.0, context: int | None = None,
                         settings: VllmSettings = VllmSettings(), suggest: bool = True,
-                        shown_as: str | None = None) -> VllmFit:
+                        shown_as: str | None = None, checked: Checked | None = None) -> VllmFit:
     """VllmFit of a checkpoint directory from its headers; with `suggest`, the flags that make `context` fit.
-    shown_as: the path the `vllm serve` command names (default: `path` as given)."""
-    config, sizes, names = _read(path, shown_as)
+    shown_as: the path the `vllm serve` command names (default: `path` as given). checked: as fit.tensor_sizes."""
+    config, sizes, names = _read(path, shown_as, checked)
     return (what_fits if suggest else fit_shapes)(config, sizes, card_gib, context, settings, **names)
 
 
-def _read(path, shown_as: str | None = None) -> tuple[dict, dict[str, int], dict]:
+def _read(path, shown_as: str | None = None,
+          checked: Checked | None = None) -> tuple[dict, dict[str, int], dict]:
     """(config, tensor name -> stored bytes, the model/path names a VllmFit shows) from the headers, read once."""
     from pathlib import Path
 
-    config, sizes = tensor_sizes(path)
+    config, sizes = tensor_sizes(path, checked)
     quant_spec(config)  # refuses a quantization method the model does not know
     return config, {k: n for k, (n, _) in sizes.items()}, {"model": Path(path).name, "path": shown_as or str(path)}
 

@@ -92,7 +92,7 @@ def gptq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple,
 def keep_bf16(ctx, mod: nn.Linear, name: str) -> torch.Tensor:
     """A skipped linear's weight as written: the checkpoint's dtype (an AWQ scale may have gone into it); the
     module then computes with exactly that, as a resumed run (which reads it back) would."""
-    stored = mod.weight.detach().to(ctx.ckpt.info(name).dtype).cpu()
+    stored = mod.weight.detach().to(ctx.ckpt.dtype(name)).cpu()
     set_weight(mod, stored)
     return stored
 

@@ -5,14 +5,15 @@ Nothing here builds the full model in memory: `skeleton()` is a meta-device mode
 lm_head), so peak memory is O(one layer) whatever the depth. `LayerReader` hands the block loop its layers in
 order, reading layer i + 1 on a background thread while layer i computes (one layer as stored held ahead).
 Host reads are plain file reads at the header's offsets (`read_safetensors`): they release the GIL, so the
-read-ahead overlaps the compute; reads to a GPU go through safetensors' `safe_open`.
+read-ahead overlaps the compute; reads to a GPU go through safetensors' `safe_open`. The headers are parsed once,
+by checkpoint.check_checkpoint (pre-flight's, when the command ran it): a Checkpoint holds every tensor's dtype,
+shape and byte range, and reads at those offsets without parsing a header again.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,36 +22,24 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .checkpoint import PICKLES, CheckedCheckpoint, check_checkpoint
 from .config import Layout
 from .errors import CheckpointError
 from .layermap import LayerMap, layer_map_for
 from .layout import check_layout
-from .preflight import PICKLES, check_checkpoint, read_header
+from .shards import DTYPES, Tensor, read_header
 
-ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32,
-             "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64, "BOOL": torch.bool}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+# torch's side of shards.DTYPES: the dtypes this torch has (a name it lacks is refused by torch_dtype)
+ST_NAMES = {getattr(torch, d.torch): name for name, d in DTYPES.items() if hasattr(torch, d.torch)}
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    path: Path
+    path: Path                            # as given
     config: dict                          # config.json as written
     weight_map: dict[str, str]            # tensor name -> file name in `path`
+    tensors: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)  # from the headers
     pickle: bool = False                  # weights in torch pickle files (only with allow_pickle)
-    _infos: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def model_type(self) -> str:
@@ -86,7 +75,7 @@ class Checkpoint:
                 got = {k: sd[k].to(device, copy=True) for k in keys}
                 del sd
             elif torch.device(device).type == "cpu":
-                got = read_safetensors(self.path / fname, keys)
+                got = read_safetensors(self.path / fname, keys, self.tensors)
             else:
                 with safe_open(str(self.path / fname), framework="pt", device=str(device)) as f:
                     got = {k: f.get_tensor(k) for k in keys}
@@ -102,27 +91,21 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensors under {prefix!r}")
         return {n[len(prefix):]: t for n, t in self.read(names, device).items()}
 
-    def info(self, name: str) -> TensorInfo:
-        """dtype and shape of one tensor from the safetensors header, without reading its data."""
-        if not self._infos:
-            self._infos.update(_read_infos(self))
-        return self._infos[name]
+    def info(self, name: str) -> Tensor:
+        """dtype (a shards.DTYPES name), shape and bytes of one tensor as its header gives them."""
+        return self.tensors[name]
 
-
-def safetensors_header(path: Path) -> dict:
-    """The raw header of a safetensors file this package wrote (a work layer); checkpoints are read through
-    preflight.read_header, which checks it against the file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+    def dtype(self, name: str) -> torch.dtype:
+        """The torch dtype one tensor is stored in."""
+        return torch_dtype(self.tensors[name].dtype, self.path / self.weight_map[name])
 
 
 def torch_dtype(name: str, path: Path) -> torch.dtype:
-    try:
-        return ST_DTYPES[name]
-    except KeyError:
-        raise CheckpointError(f"{path}: holds {name} tensors, which inf-quant does not read (it reads "
-                              f"{', '.join(ST_DTYPES)}); convert the checkpoint to bf16") from None
+    """The torch dtype of a shards.DTYPES name."""
+    if name in DTYPES and hasattr(torch, DTYPES[name].torch):
+        return getattr(torch, DTYPES[name].torch)
+    raise CheckpointError(f"{path}: holds {name} tensors, which inf-quant does not read with this torch (it reads "
+                          f"{', '.join(ST_NAMES.values())}); convert the checkpoint to bf16")
 
 
 def check_finite(name: str, t: torch.Tensor, path: Path) -> None:
@@ -139,11 +122,12 @@ def check_finite(name: str, t: torch.Tensor, path: Path) -> None:
                           "is damaged: re-download or restore it")
 
 
-def read_safetensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, keys: list[str], header: dict[str, Tensor] | None = None) -> dict[str, torch.Tensor]:
     """These tensors of one safetensors file as fresh host tensors (the same bytes safe_open gives), each read
     with readinto at its header offsets: a read releases the GIL, so another thread's compute goes on meanwhile.
-    The header is parsed and checked against the file by preflight.read_header (the one header parser)."""
-    out, header = {}, read_header(path)
+    header: the file's tensors as shards.read_header gave them (a Checkpoint's, parsed when it was checked); None
+    parses it here."""
+    out, header = {}, read_header(path) if header is None else header
     with open(path, "rb", buffering=0) as f:
         for k in keys:
             h = header[k]
@@ -160,35 +144,37 @@ def read_safetensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_infos(ckpt: Checkpoint) -> dict[str, TensorInfo]:
-    infos = {}
-    for fname in ckpt.files:
-        if ckpt.pickle:
-            sd = torch.load(ckpt.path / fname, map_location="meta", mmap=True, weights_only=True)
-            infos.update({k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in sd.items()})
-            continue
-        for k, v in read_header(ckpt.path / fname).items():
-            infos[k] = TensorInfo(torch_dtype(v.dtype, ckpt.path / fname), v.shape)
-    return infos
+def open_checkpoint(path: str | Path, allow_pickle: bool = False,
+                    checked: CheckedCheckpoint | None = None) -> Checkpoint:
+    """Open a checkpoint directory: config.json plus an index + shards, or a single safetensors file.
 
-
-def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
-    """Open a checkpoint directory: config.json plus an index + shards, or a single safetensors file. Its config,
-    index and every shard header are checked first (preflight.check_checkpoint)."""
-    checked = check_checkpoint(path, allow_pickle, bf16_input=False)
+    checked: pre-flight's check_checkpoint of this same directory; its parsed config and headers are used as they
+    are, nothing is read or checked again. None: the config, index and every shard header are checked here."""
+    checked = checked or check_checkpoint(path, allow_pickle, bf16_input=False)
     path = Path(path)
-    if checked.weight_map:
-        return Checkpoint(path, checked.config, checked.weight_map)
-    return Checkpoint(path, checked.config, _pickle_weight_map(path), pickle=True)  # allowed, headers not checked
+    if not checked.pickle:
+        return Checkpoint(path, checked.config, checked.weight_map, checked.tensors)
+    return Checkpoint(path, checked.config, *_pickle_tensors(path), pickle=True)  # allowed, headers not checked
 
 
-def _pickle_weight_map(path: Path) -> dict[str, str]:
+def _pickle_tensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(weight map, every tensor's dtype and shape) of a pickle checkpoint, its files loaded on the meta device."""
     index, *singles = PICKLES
     if (path / index).is_file():
-        return dict(json.loads((path / index).read_text())["weight_map"])
-    single = next(p for p in singles if (path / p).is_file())
-    sd = torch.load(path / single, map_location="meta", mmap=True, weights_only=True)
-    return {k: single for k in sd}
+        weight_map, single = dict(json.loads((path / index).read_text())["weight_map"]), None
+    else:
+        weight_map, single = {}, next(p for p in singles if (path / p).is_file())
+    tensors = {}
+    for fname in sorted(set(weight_map.values())) if single is None else [single]:
+        sd = torch.load(path / fname, map_location="meta", mmap=True, weights_only=True)
+        for k, v in sd.items():
+            if v.dtype not in ST_NAMES:
+                raise CheckpointError(f"{path / fname}: tensor {k} is {v.dtype}, which inf-quant does not read; "
+                                      "convert the checkpoint to bf16")
+            tensors[k] = Tensor(ST_NAMES[v.dtype], tuple(v.shape))
+            if single is not None:
+                weight_map[k] = single
+    return weight_map, tensors
 
 
 def hf_config(ckpt: Checkpoint, trust_remote_code: bool = False):

@@ -25,7 +25,9 @@ def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
-def _start_tick(pid: int) -> str:
+def start_tick(pid: int) -> str:
+    """When process pid started, in clock ticks since boot (/proc/<pid>/stat field 22; "" where unreadable): with the
+    pid, it tells a live lock holder from a recycled pid. A lock file records its writer's."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
@@ -42,7 +44,7 @@ def _held(holder: dict) -> bool:
         return False
     except PermissionError:
         return True
-    return not holder.get("tick") or _start_tick(pid) == holder["tick"]
+    return not holder.get("tick") or start_tick(pid) == holder["tick"]
 
 
 def _age(p: Path) -> float:
@@ -79,7 +81,7 @@ def output_lock(out: Path) -> Iterator[Path]:
     else:
         raise ConfigError(f"{lock}: cannot take the output lock; delete it if no inf-quant run is writing {out}")
     pid = os.getpid()
-    os.write(fd, json.dumps({"pid": pid, "host": socket.gethostname(), "tick": _start_tick(pid),
+    os.write(fd, json.dumps({"pid": pid, "host": socket.gethostname(), "tick": start_tick(pid),
                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
     os.close(fd)
     try:

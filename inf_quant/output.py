@@ -24,10 +24,10 @@ from .config import Layout, Method, Order, Recipe, to_dict
 from .errors import ConfigError, resumable
 from .fast_tokenizer import fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
 from .hashing import cache_root, checkpoint_sha256
-from .load import ST_DTYPES, TensorInfo, safetensors_header
 from .layout import stablelm_config
 from .memory import PeakMemory, gib
 from .paths import REPO_ROOT
+from .shards import read_header
 from .write import (INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, copy_modeling_files, copy_side_files, save_file,
                     save_sharded_lazy, write_json)
 
@@ -168,9 +168,9 @@ def _tensor_plan(ctx, work: WorkDir) -> tuple[dict[str, int], dict[str, Path]]:
         sizes[n] = ctx.ckpt.info(n).nbytes
     def from_work(f: Path) -> set[str]:
         """A work file's tensors into the plan (bytes from its header; its file as their source)."""
-        header = {k: v for k, v in safetensors_header(f).items() if k != "__metadata__"}
-        for n, h in header.items():
-            sizes[n], source[n] = TensorInfo(ST_DTYPES[h["dtype"]], tuple(h["shape"])).nbytes, f
+        header = read_header(f)
+        for n, t in header.items():
+            sizes[n], source[n] = t.nbytes, f
         return set(header)
 
     for i in range(ctx.ckpt.num_layers):

@@ -79,7 +79,7 @@ def prepare(recipe: Recipe, plan: preflight.QuantizePlan | None = None) -> Conte
     tokenizer and windows."""
     plan = plan or preflight.for_quantize(recipe)
     model_dir, out_dir = plan.model_dir, plan.out_dir
-    ckpt = open_checkpoint(model_dir, recipe.model.allow_pickle)
+    ckpt = open_checkpoint(model_dir, recipe.model.allow_pickle, plan.checkpoint)  # pre-flight's headers
     lmap = ckpt.layer_map
     config = hf_config(ckpt, recipe.model.trust_remote_code)
     check_layout(ckpt.config, recipe.output.serve_as, str(model_dir))

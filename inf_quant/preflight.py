@@ -15,262 +15,24 @@ What is checked (the catalogue in docs/ERRORS.md has a test for each):
             finished layers plus the assembled output (estimate_output_bytes)
   text      calibration / eval files are UTF-8, non-empty, records well-formed (tokens are counted after the
             tokenizer loads, still before the first layer)
-Nothing here imports torch, transformers or safetensors.
+Each job has its module: checkpoint.py (config, index, shard headers through shards.py, the tensors a bf16 input
+must hold), outdir.py (paths, replacement, disk) and here the recipe's own checks (skip, group sizes, lm_head,
+sequence length, the estimated output size) and one entry point per command, whose plan carries the parsed
+checkpoint on to the command so its headers are read once. Nothing here imports torch, transformers or safetensors.
 """
 
 from __future__ import annotations
 
-import errno
-import json
-import os
 import re
-import shutil
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import CheckedCheckpoint, check_checkpoint, check_tensors
 from .config import resolve_group_size
 from .errors import CheckpointError, ConfigError
-from .layermap import LayerMap, check_config, expected_tensors, layer_map_for
-
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-PICKLES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.pt", "pytorch_model.pt")
-ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
-            "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-FLOAT_DTYPES = ("BF16", "F16", "F32")  # what an unquantized input checkpoint may hold
-OUTPUT_MARKER = "inf_quant.json"       # in every output inf-quant writes (output.write_configs, export)
-MAX_HEADER = 100 * 2**20   # the safetensors reference's own limit
-DISK_MARGIN = 1.1
-DISK_SLACK = 64 * 2**20
-REDOWNLOAD = "the file is damaged or truncated; re-download or re-copy it"
-
-
-@dataclass(frozen=True)
-class Tensor:
-    dtype: str
-    shape: tuple[int, ...]
-    start: int = field(default=0, compare=False)  # byte range of its data in the file (absolute offsets)
-    stop: int = field(default=0, compare=False)
-
-    @property
-    def nbytes(self) -> int:
-        n = ITEMSIZE[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass(frozen=True)
-class CheckedCheckpoint:
-    path: Path                  # resolved
-    config: dict
-    tensors: dict[str, Tensor]  # every tensor of every shard (empty for pickle checkpoints: not inspected)
-    weight_map: dict[str, str]
-
-    @property
-    def bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-
-def resolved(path: str | Path) -> Path:
-    try:
-        return Path(path).expanduser().resolve()
-    except (RuntimeError, OSError) as e:  # a loop: RuntimeError before Python 3.13, OSError(ELOOP) after
-        if isinstance(e, OSError) and e.errno != errno.ELOOP:
-            raise ConfigError(f"{path}: cannot be resolved ({e.strerror}); pass a path you can read") from None
-        raise ConfigError(f"{path}: a symlink loop (following its links comes back to itself); fix or remove the "
-                          "link, or pass the real directory") from None
-
-
-def read_header(path: Path) -> dict[str, Tensor]:
-    """A safetensors file's tensors from its header, checked against the file's length (nothing else is read)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 0 < n <= min(MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file {size} bytes); "
-                                      + REDOWNLOAD)
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-        assert isinstance(header, dict)
-    except (ValueError, AssertionError):
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON; {REDOWNLOAD}") from None
-    payload, out = size - 8 - n, {}
-    for name, v in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            t = Tensor(v["dtype"], tuple(int(d) for d in v["shape"]))
-            begin, end = (int(o) for o in v["data_offsets"])
-            ok = t.dtype in ITEMSIZE and all(d >= 0 for d in t.shape) and end - begin == t.nbytes and begin >= 0
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {v}; {REDOWNLOAD}")
-        if end > payload:
-            raise CheckpointError(f"{path}: tensor {name} needs bytes up to {end + 8 + n:,} but the file has "
-                                  f"{size:,}; {REDOWNLOAD}")
-        out[name] = Tensor(t.dtype, t.shape, 8 + n + begin, 8 + n + end)
-    return out
-
-
-def _json_file(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({e}); restore the file") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: {what} must be a JSON object; restore the file")
-    return data
-
-
-def check_checkpoint(path: str | Path, allow_pickle: bool = False, bf16_input: bool = True,
-                     what: str = "checkpoint") -> CheckedCheckpoint:
-    """config.json, index and every shard header of a checkpoint directory (see module docstring).
-    bf16_input: also require every tensor the config implies, with its shape (a quantized checkpoint has others)."""
-    p = resolved(path)
-    if not p.is_dir():
-        raise CheckpointError(f"{path}: {what} is not a directory; pass a checkpoint directory holding config.json")
-    if not (p / "config.json").is_file():
-        raise CheckpointError(f"{path}: config.json is missing; this does not look like a transformers checkpoint")
-    config = _json_file(p / "config.json", "config.json")
-    check_config(config, p)
-    if (p / SAFE_INDEX).is_file():
-        wm = _json_file(p / SAFE_INDEX, SAFE_INDEX).get("weight_map")
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise CheckpointError(f"{p / SAFE_INDEX}: no 'weight_map' of tensor name -> shard file; restore the file")
-    elif (p / SAFE_SINGLE).is_file():
-        wm = None
-    else:
-        pickles = [n for n in PICKLES if (p / n).is_file()]
-        if not pickles:
-            raise CheckpointError(f"{path}: no {SAFE_INDEX} or {SAFE_SINGLE} found")
-        if not allow_pickle:
-            raise CheckpointError(f"{path}: weights are torch pickle files ({pickles[0]}), which can execute code "
-                                  "when loaded; convert them to safetensors or pass --allow-pickle if you trust "
-                                  "the source")
-        return CheckedCheckpoint(p, config, {}, {})
-    files = sorted(set(wm.values())) if wm is not None else [SAFE_SINGLE]
-    missing = [f for f in files if not (p / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{path}: the index names shard files that are missing: {', '.join(missing)}")
-    tensors, where = {}, {}
-    for f in files:
-        for name, t in read_header(p / f).items():
-            tensors[name], where[name] = t, f
-    if wm is None:
-        wm = where
-    absent = [n for n, f in wm.items() if where.get(n) != f]
-    if absent:
-        raise CheckpointError(f"{p / SAFE_INDEX} names {len(absent)} tensor(s) that are not in the shard it gives, "
-                              f"e.g. {absent[0]} in {wm[absent[0]]}; restore the index or the shard")
-    ck = CheckedCheckpoint(p, config, tensors, wm)
-    if bf16_input:
-        check_tensors(ck, layer_map_for(config.get("model_type", "")))
-    return ck
-
-
-def _span(idx: list[int]) -> str:
-    """'2..5' for consecutive indices, else '{1, 4, 7}'."""
-    if idx == list(range(idx[0], idx[-1] + 1)):
-        return f"{idx[0]}" if len(idx) == 1 else f"{idx[0]}..{idx[-1]}"
-    return "{" + ", ".join(map(str, idx[:8])) + (", ..." if len(idx) > 8 else "") + "}"
-
-
-def check_tensors(ck: CheckedCheckpoint, lmap: LayerMap) -> None:
-    """An unquantized checkpoint is what its config.json says: exactly its layers, floating-point tensors only,
-    every tensor the config implies present with the implied shape."""
-    if not ck.tensors:
-        return
-    want = ck.config["num_hidden_layers"]
-    pattern = re.compile(rf"{re.escape(lmap.blocks)}\.(\d+)\.")
-    held = {int(m.group(1)) for n in ck.tensors if (m := pattern.match(n))}
-    if held != set(range(want)):
-        extra, missing = sorted(held - set(range(want))), sorted(set(range(want)) - held)
-        what = f"tensors of {lmap.blocks}.{_span(extra)}" if extra else f"no tensors of {lmap.blocks}.{_span(missing)}"
-        raise CheckpointError(f"{ck.path / 'config.json'}: num_hidden_layers={want}, but the shards hold {what} "
-                              f"({len(held)} layers in all); set num_hidden_layers to the layers the checkpoint "
-                              "holds, or restore the missing shards")
-    for name, t in ck.tensors.items():
-        if t.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{ck.path / ck.weight_map.get(name, SAFE_SINGLE)}: tensor {name} is stored as "
-                                  f"{t.dtype}, but an unquantized checkpoint holds only {', '.join(FLOAT_DTYPES)} "
-                                  "tensors; pass the original bf16 checkpoint (this one is damaged or already "
-                                  "converted)")
-    for name, shape in expected_tensors(lmap, ck.config).items():
-        t = ck.tensors.get(name)
-        if t is None:
-            raise CheckpointError(f"{ck.path}: tensor {name} is missing (config.json implies it); the checkpoint "
-                                  "is incomplete or does not match its config.json")
-        if t.shape != shape:
-            raise CheckpointError(f"{ck.path}: {name} has shape {list(t.shape)}, config.json implies {list(shape)}; "
-                                  "the checkpoint does not match its config.json")
-
-
-def check_output(out: str | Path, inputs: dict[str, Path], force: bool, resume: bool = False,
-                 what: str = "--out", replaced: bool = True) -> Path:
-    """The resolved output directory: not an input, not inside or around one, not a file, its parent writable,
-    not already there unless force/resume. replaced: the run swaps the whole directory for its result (quantize,
-    export), so an existing one must be an inf-quant output (OUTPUT_MARKER) or empty, and it may not be the current
-    directory or one above it; otherwise (verify --report, release) files are written into it."""
-    o = resolved(out)
-    for label, inp in inputs.items():
-        i = resolved(inp)
-        if o == i:
-            raise ConfigError(f"{what} {out} is the {label} itself; writing there would destroy it: choose "
-                              "another output directory")
-        if o.is_relative_to(i) and i.is_dir():
-            raise ConfigError(f"{what} {out} lies inside the {label} {inp}; choose an output directory outside it")
-        if i.is_relative_to(o):
-            raise ConfigError(f"{what} {out} contains the {label} {inp}; replacing it would destroy the input: "
-                              "choose another output directory")
-    if o.exists() and not o.is_dir():
-        raise ConfigError(f"{what} {out} is a file, not a directory; remove it or choose another output directory")
-    try:
-        cwd = Path.cwd().resolve()
-    except OSError:  # the working directory was removed: nothing of it to protect
-        cwd = None
-    if replaced and cwd is not None and cwd.is_relative_to(o):
-        raise ConfigError(f"{what} {out} is the current directory or one above it ({cwd}); the finished output "
-                          "replaces that directory by a rename, which would pull it out from under this shell: "
-                          "choose a new directory, e.g. --out ./quantized")
-    foreign = replaced and o.is_dir() and not (o / OUTPUT_MARKER).is_file() and any(o.iterdir())
-    if foreign:
-        raise ConfigError(f"{what} {out} already exists and is not an inf-quant output (no {OUTPUT_MARKER} in it); "
-                          "inf-quant replaces only directories it wrote, even with --force: remove it yourself or "
-                          f"choose another {what}")
-    if o.exists() and not (force or resume):
-        raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another {what}")
-    parent = o.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{what} {out}: {parent} is a file, not a directory; choose another output directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {out}: {parent} is not writable (read-only or no permission); choose an output "
-                          "directory you can write")
-    return o
-
-
-def check_disk(out: Path, need: int, what: str) -> None:
-    """Free space on out's file system >= need x DISK_MARGIN + DISK_SLACK."""
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    want = int(need * DISK_MARGIN) + DISK_SLACK
-    if free < want:
-        raise ConfigError(f"{out}: {what} needs about {want / 1e9:.2f} GB free on {parent}'s file system "
-                          f"({need / 1e9:.2f} GB estimated x {DISK_MARGIN} + 64 MiB), {free / 1e9:.2f} GB is free; "
-                          "free space or choose --out on another disk")
+from .layermap import LayerMap, layer_map_for
+from .outdir import check_disk, check_output, check_release_dir
+from .paths import default_out_dir, resolve_model_path
 
 
 def estimate_output_bytes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, bits: int,
@@ -363,7 +125,6 @@ def check_quantized_head(config: dict, layout: str, what: str) -> None:
 
 def for_quantize(recipe) -> QuantizePlan:
     """Everything a gptq/awq run needs checked before it starts (module docstring)."""
-    from .paths import default_out_dir, resolve_model_path
     from .calibrate import check_text_file
 
     model_dir = resolve_model_path(recipe.model.path)
@@ -389,10 +150,15 @@ def for_quantize(recipe) -> QuantizePlan:
     return QuantizePlan(model_dir, ck, out, total, total + quant, skip)
 
 
-def for_verify(cfg) -> None:
+@dataclass(frozen=True)
+class VerifyPlan:
+    quantized: CheckedCheckpoint  # cfg.quantized
+    baseline: CheckedCheckpoint   # cfg.baseline (resolved: "bundled" is the bundled model)
+
+
+def for_verify(cfg) -> VerifyPlan:
     """verify: the quantized checkpoint and its baseline parse, the eval text is usable."""
     from .calibrate import check_text_file, resolve_text_file
-    from .paths import resolve_model_path
 
     q = check_checkpoint(cfg.quantized, bf16_input=False, what="quantized checkpoint")
     if "quantization_config" not in q.config:
@@ -406,17 +172,19 @@ def for_verify(cfg) -> None:
     if cfg.report_dir:
         check_output(cfg.report_dir, {"baseline": resolve_model_path(cfg.baseline)}, force=True, what="--report",
                      replaced=False)
+    return VerifyPlan(q, b)
 
 
-def for_export(src: str, out: str, force: bool) -> Path:
-    check_checkpoint(src, bf16_input=False, what="source checkpoint")
-    return check_output(out, {"source checkpoint": Path(src)}, force)
+def for_export(src: str, out: str, force: bool) -> CheckedCheckpoint:
+    """export: the source checkpoint parses (returned, for export_layout) and the output may be written."""
+    ck = check_checkpoint(src, bf16_input=False, what="source checkpoint")
+    check_output(out, {"source checkpoint": Path(src)}, force)
+    return ck
 
 
 def for_release(recipes: list, out: str) -> Path:
     """release: every recipe's model and calibration, and the release directory (which may exist: --resume)."""
     from .calibrate import check_text_file
-    from .paths import resolve_model_path
 
     inputs, seen = {}, {}
     for r in recipes:
@@ -438,20 +206,3 @@ def for_release(recipes: list, out: str) -> Path:
     o = check_output(out, inputs, force=True, what="--out", replaced=False)
     check_release_dir(o, out, [r.name for r in recipes])
     return o
-
-
-def check_release_dir(o: Path, out: str, names: list[str]) -> None:
-    """release writes into --out and replaces its variants <name>/: an existing --out must be a release directory
-    (manifest.json, or the .staging of an interrupted first release) or empty, and each existing variant an
-    inf-quant output."""
-    if not o.is_dir() or not any(o.iterdir()):
-        return
-    if not ((o / "manifest.json").is_file() or (o / ".staging").is_dir()):
-        raise ConfigError(f"--out {out} already exists and is not an inf-quant release directory (no manifest.json "
-                          "in it); release writes only into its own directories: remove it yourself or choose "
-                          "another --out")
-    for name in names:
-        v = o / name
-        if v.exists() and not (v / OUTPUT_MARKER).is_file():
-            raise ConfigError(f"--out {out}: {v} is not a variant inf-quant published (no {OUTPUT_MARKER} in it) but "
-                              f"would be replaced by recipe {name}: remove it yourself or choose another --out")

@@ -31,6 +31,7 @@ from .load import open_checkpoint
 from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement
 from .paths import resolve_model_path
+from .preflight import VerifyPlan
 from .report import VERIFY_OUTPUTS, signed_pct, write_report
 from .tokenizer import load_tokenizer
 from .write import write_json
@@ -207,18 +208,20 @@ def measure_vram(model, vocab: int, context: int, device: torch.device) -> dict 
             "peak_reserved_bytes": torch.cuda.max_memory_reserved(device), "process_used_bytes": used}
 
 
-def verify(cfg: VerifyConfig, progress=None) -> VerifyReport:
-    """progress(phase, done, total), if given: phase "baseline" (layers x passes) then "scoring" (windows)."""
+def verify(cfg: VerifyConfig, progress=None, plan: VerifyPlan | None = None) -> VerifyReport:
+    """progress(phase, done, total), if given: phase "baseline" (layers x passes) then "scoring" (windows).
+    plan: pre-flight's (preflight.for_verify), whose checked checkpoints are not read again; None checks them here."""
     qdir = Path(cfg.quantized)
     bdir = resolve_model_path(cfg.baseline)
-    qckpt, bckpt = open_checkpoint(qdir), open_checkpoint(bdir)
+    qckpt = open_checkpoint(qdir, checked=plan.quantized if plan else None)
+    bckpt = open_checkpoint(bdir, checked=plan.baseline if plan else None)
     check_pair(qckpt.config, bckpt.config, qdir, bdir)
     device, dtype = resolve_device(cfg.device, gpu=cfg.gpu)
     eval_file = resolve_text_file(cfg.eval)
     max_pos = int(bckpt.config.get("max_position_embeddings", cfg.seqlen))
     windows, doms = domain_windows(load_tokenizer(bdir, cfg.trust_remote_code), read_records(eval_file),
                                    min(cfg.seqlen, max_pos), cfg.max_windows)
-    refuse_if_too_big(bckpt, qdir, windows, cfg, device, dtype)
+    refuse_if_too_big(bckpt, qckpt, windows, cfg, device, dtype)
     mem = PeakMemory(device)
     mem.reset()
     start_rss = mem.base_rss
@@ -229,13 +232,13 @@ def verify(cfg: VerifyConfig, progress=None) -> VerifyReport:
     mem.reset()                   # the scoring phase, on top of the loaded model
     tgt, kl, agree = quantized_stats(model, windows, base, progress=progress)
     phases["scoring"] = _phase_peak(mem)
-    own = _own_peak(mem, bckpt, qdir, windows, cfg, dtype, phases, start_rss)
+    own = _own_peak(mem, bckpt, qckpt, windows, cfg, dtype, phases, start_rss)
     metrics = {"all": summarize(base.target_logp, tgt, kl, agree)}
     for dom in sorted(set(doms)):
         idx = torch.tensor([i for i, d in enumerate(doms) if d == dom])
         metrics[dom] = summarize(base.target_logp[idx], tgt[idx], kl[idx], agree[idx])
     gates = gate_results(metrics, cfg.gates)
-    fit = fit_checkpoint(qdir, cfg.vram_gib, cfg.context or None, kv_dtype=cfg.kv_dtype)
+    fit = fit_checkpoint(qdir, cfg.vram_gib, cfg.context or None, kv_dtype=cfg.kv_dtype, checked=qckpt)
     if cfg.gates.require_fit:
         gates.append({"name": "fits_vram_gib", "domain": f"context {fit.context}", "threshold": cfg.vram_gib,
                       "value": fit.total_bytes / 2**30, "passed": bool(fit.fits)})
@@ -248,7 +251,7 @@ def verify(cfg: VerifyConfig, progress=None) -> VerifyReport:
                  "sha256": file_sha256(eval_file), "seqlen": int(windows.shape[1]),
                  "tokens": {d: metrics[d]["tokens"] for d in metrics if d != "all"}},
         "metrics": metrics, "gates": gates,
-        "vram": {"analytic": fit.to_dict(), "vllm": _vllm_fit(qdir, cfg),
+        "vram": {"analytic": fit.to_dict(), "vllm": _vllm_fit(qckpt, cfg),
                  "measured": _measured(model, qdir, qckpt, cfg, measure_ctx, device),
                  "verify": own},
         "versions": versions(),
@@ -268,7 +271,8 @@ def verify(cfg: VerifyConfig, progress=None) -> VerifyReport:
 def _measured(model, qdir: Path, qckpt, cfg: VerifyConfig, context: int, device: torch.device) -> dict | None:
     m = measure_vram(model, qckpt.config["vocab_size"], context, device)
     if m is not None:  # the analytic model at the same context, for a like-for-like comparison
-        m["analytic_total_bytes"] = fit_checkpoint(qdir, cfg.vram_gib, context, kv_dtype=cfg.kv_dtype).total_bytes
+        m["analytic_total_bytes"] = fit_checkpoint(qdir, cfg.vram_gib, context, kv_dtype=cfg.kv_dtype,
+                                                   checked=qckpt).total_bytes
     return m
 
 
@@ -280,33 +284,33 @@ def _phase_peak(mem: PeakMemory) -> dict:
                                                                         "added_bytes": rss - mem.base_rss}
 
 
-def _expected(bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, dtype, on_host: bool):
+def _expected(bckpt, qckpt, windows: torch.Tensor, cfg: VerifyConfig, dtype, on_host: bool):
     """(the quantized weights' bytes, memory.expected_verify_peak for this run)."""
-    weights = checkpoint_bytes(qdir)[1]
+    weights = checkpoint_bytes(qckpt.path, qckpt)[1]
     return weights, expected_verify_peak(bckpt.layer_map, bckpt.config, weights, len(windows), windows.shape[1], 4,
                                          dtype.itemsize, True, cfg.baseline_gib, on_host=on_host)
 
 
-def refuse_if_too_big(bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, device: torch.device,
+def refuse_if_too_big(bckpt, qckpt, windows: torch.Tensor, cfg: VerifyConfig, device: torch.device,
                       dtype) -> None:
     """Before the baseline: a verify whose expected peak exceeds the memory available on its device by more than
     MEMORY_MARGIN is a ConfigError naming the flags that size it."""
     avail, where = available_bytes(device)
-    exp = _expected(bckpt, qdir, windows, cfg, dtype, on_host=device.type != "cuda")[1]
+    exp = _expected(bckpt, qckpt, windows, cfg, dtype, on_host=device.type != "cuda")[1]
     if avail is None or exp.total <= avail * (1 + MEMORY_MARGIN):
         return
-    raise ConfigError(f"not enough memory: verify of {qdir} ({len(windows)} windows of --seqlen {windows.shape[1]}, "
+    raise ConfigError(f"not enough memory: verify of {qckpt.path} ({len(windows)} windows of --seqlen {windows.shape[1]}, "
                       f"--baseline-gib {cfg.baseline_gib:g}) has an expected peak of {gib(exp.total)} on "
                       f"{device.type} ({exp.describe()}), but {where} has {gib(avail)} available; lower "
                       "--baseline-gib or --seqlen, or run on a machine with more memory")
 
 
-def _own_peak(mem: PeakMemory, bckpt, qdir: Path, windows: torch.Tensor, cfg: VerifyConfig, dtype,
+def _own_peak(mem: PeakMemory, bckpt, qckpt, windows: torch.Tensor, cfg: VerifyConfig, dtype,
               phases: dict, start_rss: int) -> dict:
     """verify's own peak: measured per phase (the layer-streamed baseline; the quantized model's scoring, on top
     of the loaded model) and expected (memory.expected_verify_peak). On CUDA torch's peak allocation; on CPU the
     process' RSS high-water mark, the expectation on top of the RSS held when verify started scoring."""
-    weights, exp = _expected(bckpt, qdir, windows, cfg, dtype, on_host=not mem.cuda)
+    weights, exp = _expected(bckpt, qckpt, windows, cfg, dtype, on_host=not mem.cuda)
     # per phase, like for like with phases[...]["added_bytes"]: on CPU the scoring is measured above the loaded model
     per_phase = {"baseline": exp.terms["baseline pass"],
                  "scoring": exp.terms["quantized model"] - (0 if mem.cuda else weights)}
@@ -318,10 +322,11 @@ def _own_peak(mem: PeakMemory, bckpt, qdir: Path, windows: torch.Tensor, cfg: Ve
             "windows": len(windows), "seqlen": int(windows.shape[1])}
 
 
-def _vllm_fit(qdir: Path, cfg: VerifyConfig) -> dict:
+def _vllm_fit(qckpt, cfg: VerifyConfig) -> dict:
     """`fit --engine vllm`'s answer at verify's card and context; the command names the directory, not its path."""
     settings = VllmSettings(kv_dtype="fp8" if cfg.kv_dtype == "fp8" else "auto")
-    return fit_checkpoint_vllm(qdir, cfg.vram_gib, cfg.context or None, settings, shown_as=qdir.name).to_dict()
+    return fit_checkpoint_vllm(qckpt.path, cfg.vram_gib, cfg.context or None, settings, shown_as=qckpt.path.name,
+                               checked=qckpt).to_dict()
 
 
 def _quant_summary(config: dict) -> dict:

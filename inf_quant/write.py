@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .load import ST_NAMES
 from .paths import MODELING_DIR
 
 MODELING_FILES = ("configuration_inflm.py", "modeling_inflm.py", "tokenization_inflm.py")
@@ -25,11 +26,6 @@ TOKENIZER_FILES = (
     "added_tokens.json", "chat_template.jinja",
 )
 LICENSE_GLOBS = ("LICENSE*", "LICENCE*", "NOTICE*", "*License*.txt", "*LICENSE*.pdf")
-
-
-ST_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
-            torch.int32: "I32", torch.int64: "I64", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL"}
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

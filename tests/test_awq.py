@@ -450,7 +450,7 @@ def test_awq_block_skips_q_k_clip_and_reports_scales(monkeypatch):
     rtn = AWQConfig(group_size=16, solve=WeightSolve.RTN)  # the clip search belongs to AutoAWQ's rounding
     ctx = SimpleNamespace(recipe=SimpleNamespace(awq=rtn, run=SimpleNamespace(forward_batch=2)),
                           lmap=LAYER_MAPS["llama"], config=block.self_attn.config,
-                          ckpt=SimpleNamespace(info=lambda _: SimpleNamespace(dtype=torch.float32)), skip=frozenset())
+                          ckpt=SimpleNamespace(dtype=lambda _: torch.float32), skip=frozenset())
     tensors, losses, notes, scales, _ = block_mod.awq_block(ctx, block, 0, hidden, rope)
     names = LAYER_MAPS["llama"].linears
     assert {n: shrink[i] for i, n in enumerate(names)} == {

@@ -41,9 +41,9 @@ def _spy_reads(monkeypatch):
 
     asked, real = [], load.read_safetensors
 
-    def spy(path, keys):
+    def spy(path, keys, *header):
         asked.extend(keys)
-        return real(path, keys)
+        return real(path, keys, *header)
 
     monkeypatch.setattr(load, "read_safetensors", spy)
     return asked
@@ -57,6 +57,32 @@ def test_layer_reads_touch_only_that_layer(tiny_ckpt, monkeypatch):
     load_block(ckpt, skel, 1, "cpu", torch.bfloat16)
     assert asked and all(n.startswith("model.layers.1.") for n in asked)
     assert len(asked) == len(ckpt.names("model.layers.1."))
+
+
+def test_a_checked_checkpoint_is_read_without_parsing_a_header_again(tiny_ckpt, monkeypatch):
+    """check_checkpoint (pre-flight) parses each shard's header once; a Checkpoint opened from its result sizes
+    tensors and reads layers at the offsets it holds, with no header parsed again."""
+    import inf_quant.checkpoint as checkpoint
+    import inf_quant.load as load
+
+    parsed, real = [], checkpoint.read_header
+
+    def spy(path):
+        parsed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "read_header", spy)
+    monkeypatch.setattr(load, "read_header", spy)
+    checked = checkpoint.check_checkpoint(tiny_ckpt)
+    assert sorted(parsed) == sorted(set(checked.weight_map.values()))
+    parsed.clear()
+    ckpt = open_checkpoint(tiny_ckpt, checked=checked)
+    assert sum(ckpt.info(n).nbytes for n in ckpt.weight_map) == sum(t.nbytes for t in checked.tensors.values())
+    block = load_block(ckpt, skeleton(hf_config(ckpt)), 1, "cpu", torch.bfloat16)
+    assert block.mlp.down_proj.weight.dtype == ckpt.dtype("model.layers.1.mlp.down_proj.weight")
+    assert parsed == []
+    open_checkpoint(tiny_ckpt)  # without pre-flight's result it checks the directory itself
+    assert sorted(parsed) == sorted(set(checked.weight_map.values()))
 
 
 def test_plain_reads_give_safe_opens_bytes(tmp_path):
@@ -113,10 +139,10 @@ def test_layer_reader_reads_ahead_and_matches_load_block(tiny_ckpt, monkeypatch)
 
     real = load.read_safetensors
 
-    def failing(path, keys):
+    def failing(path, keys, *header):
         if any(k.startswith("model.layers.1.") for k in keys):
             raise CheckpointError("layer 1 is unreadable")
-        return real(path, keys)
+        return real(path, keys, *header)
 
     monkeypatch.setattr(load, "read_safetensors", failing)
     with LayerReader(ckpt, skel, "cpu", torch.float32) as reader:
@@ -161,6 +187,9 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
     ckpt = open_checkpoint(model_dir, allow_pickle=True)
     block = load_block(ckpt, skeleton(hf_config(ckpt)), 0, "cpu", torch.bfloat16)
     assert torch.equal(block.self_attn.q_proj.weight, sd["model.layers.0.self_attn.q_proj.weight"])
+    for name, w in sd.items():  # dtype and shape from the pickle itself (loaded on the meta device)
+        assert ckpt.info(name).shape == tuple(w.shape) and ckpt.dtype(name) == w.dtype, name
+        assert ckpt.info(name).nbytes == w.numel() * w.element_size(), name
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path, inflm_ckpt):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.lock import _start_tick, lock_path, output_lock
+from inf_quant.lock import start_tick, lock_path, output_lock
 from inf_quant.errors import ConfigError
 from inf_quant.paths import REPO_ROOT
 from tiny import build_tiny_checkpoint
@@ -167,13 +167,13 @@ def _(t):
 
 @case("out-not-writable", 2, "is not writable", "choose an output directory you can write")
 def _(t):
-    t.mp.setattr("inf_quant.preflight.os.access", lambda p, mode: False)  # root ignores chmod; see the tmpfs test
+    t.mp.setattr(os, "access", lambda p, mode: False)  # root ignores chmod; see the tmpfs test
     return _gptq(t, "--out", t.root / "q")
 
 
 @case("disk-too-small", 2, "needs about", "GB free", "free space or choose --out on another disk")
 def _(t):
-    t.mp.setattr("inf_quant.preflight.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 10**6))
+    t.mp.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 10**6))
     return _gptq(t, "--out", t.root / "q")
 
 
@@ -181,7 +181,7 @@ def _(t):
 def _(t):
     out = t.root / "q"
     lock_path(out).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                          "tick": _start_tick(os.getpid()), "started": "now"}))
+                                          "tick": start_tick(os.getpid()), "started": "now"}))
     return _gptq(t, "--out", out)
 
 
