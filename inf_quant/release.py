@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .config import Layout, Recipe, load_recipe
+from .config import Layout, Recipe
 from . import preflight
 from .errors import ConfigError, resumable
 from .hashing import cache_root, checkpoint_sha256, file_sha256
@@ -31,6 +31,7 @@ from .load import open_checkpoint
 from .output import git_commit, public_recipe, replace_dir
 from .paths import resolve_model_path
 from .pipeline import quantize
+from .recipe_file import load_recipe
 from .verify import verify, versions
 from .write import write_json
 
