@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .hashing import default_cache_root
 
 NOISY = ("torch", "torch.utils._pytree", "torchao", "transformers", "gptqmodel", "logbar", "optimum", "accelerate",
          "huggingface_hub", "urllib3", "tokenizers", "device_smi", "datasets", "defuser")
@@ -116,9 +117,10 @@ def sigterm_as_interrupt():
 
 
 def crash_log_dir(log_dir: str | None = None) -> Path:
-    """--log-dir, else $INF_QUANT_LOG_DIR, else $XDG_CACHE_HOME/inf-quant/logs (~/.cache/inf-quant/logs)."""
+    """--log-dir, else $INF_QUANT_LOG_DIR, else the cache root's logs/ ($XDG_CACHE_HOME/inf-quant/logs,
+    ~/.cache/inf-quant/logs)."""
     d = log_dir or os.environ.get("INF_QUANT_LOG_DIR")
-    return Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant" / "logs"
+    return Path(d) if d else default_cache_root() / "logs"
 
 
 def crash_log(argv, e: BaseException, log_dir: str | None = None) -> str:
