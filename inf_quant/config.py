@@ -290,24 +290,26 @@ class Recipe:
 
     def _check_sections_read(self) -> None:
         """Every key set is read: awq reads gptq: only for its GPTQ solve (and not the grid keys, which come from
-        awq:); gptq never reads awq:. A key that would be ignored is an error naming it."""
-        g, gd = self.gptq, GPTQConfig()
-        changed = [f.name for f in fields(g) if getattr(g, f.name) != getattr(gd, f.name)]
+        awq:) and its clip keys only for solve rtn; gptq never reads awq:. A key that would be ignored is an error
+        naming it."""
+        g, a = _changed(self.gptq), _changed(self.awq)
         if self.method is Method.GPTQ:
-            a, ad = self.awq, AWQConfig()
-            unread = [f.name for f in fields(a) if getattr(a, f.name) != getattr(ad, f.name)]
-            if unread:
-                raise ConfigError(f"awq.{unread[0]}: method gptq does not read the awq: section; remove it, or run "
-                                  "the recipe with `inf-quant awq` (method: awq)")
+            if a:
+                raise ConfigError(f"awq.{a[0]}: method gptq does not read the awq: section; remove it, or run the "
+                                  "recipe with `inf-quant awq` (method: awq)")
             return
-        grid = [k for k in changed if k in ("bits", "group_size", "sym", "lm_head")]
+        grid = [k for k in g if k in ("bits", "group_size", "sym", "lm_head")]
         if grid:
             raise ConfigError(f"gptq.{grid[0]}: method awq takes bits and group_size from awq: (its GPTQ solve is "
                               "asymmetric, the AWQ gemm format, and has no lm_head); remove it from gptq:")
-        if changed and self.awq.solve is WeightSolve.RTN:
-            raise ConfigError(f"gptq.{changed[0]}: the gptq: section is read by awq only with solve: gptq (--solve "
+        if g and self.awq.solve is WeightSolve.RTN:
+            raise ConfigError(f"gptq.{g[0]}: the gptq: section is read by awq only with solve: gptq (--solve "
                               "gptq); remove it, or drop solve: rtn")
-        if g.order is Order.ACT and not g.static_groups:
+        clip = [k for k in a if k in ("clip_grid", "clip_max_shrink", "clip_tokens")]
+        if clip and self.awq.solve is WeightSolve.GPTQ:
+            raise ConfigError(f"awq.{clip[0]}: the clip search runs only with solve: rtn (--solve rtn; solve: gptq "
+                              "searches ranges with gptq.clip_steps); remove it, or set solve: rtn")
+        if self.gptq.order is Order.ACT and not self.gptq.static_groups:
             raise ConfigError("gptq.order: act (--order act) unsorts g_idx, which the AWQ gemm format cannot store; "
                               "add static_groups: true (--static-groups) or use group-aware or natural")
 
@@ -331,6 +333,11 @@ class Recipe:
         d["output"] = {"shard_gb": self.output.shard_gb, "serve_as": self.output.serve_as.value}
         del d["verify"]
         return d
+
+
+def _changed(section) -> list[str]:
+    """The keys of a recipe section (a dataclass without nested ones) that differ from their defaults."""
+    return [f.name for f in fields(section) if getattr(section, f.name) != f.default]
 
 
 def _override(obj, over: dict, where: str):
