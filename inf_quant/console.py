@@ -29,17 +29,17 @@ class _Recent(logging.Handler):
 
 
 @contextlib.contextmanager
-def terminal(verbose: bool):
-    """Our log lines (logger inf_quant) at INF_QUANT_LOG (default INFO) on stderr; the libraries' only with
-    --verbose. Everything, shown or not, is also kept for the crash log. Restored on exit (main() may run
-    in-process, e.g. under pytest)."""
+def terminal(verbose: bool, level: str = "INFO"):
+    """Our log lines (logger inf_quant) from `level` up (--log-level, else $INF_QUANT_LOG) on stderr; the
+    libraries' only with --verbose. Everything, shown or not, is also kept for the crash log. Restored on exit
+    (main() may run in-process, e.g. under pytest)."""
     fmt = logging.Formatter("%(levelname)s %(name)s: %(message)s")
     term, recent = logging.StreamHandler(sys.stderr), _Recent()
     for h in (term, recent):
         h.setFormatter(fmt)
     ours, root = logging.getLogger("inf_quant"), logging.getLogger()
     saved = [(lg, lg.level, lg.propagate) for lg in (ours, root, *map(logging.getLogger, NOISY))]
-    ours.setLevel(os.environ.get("INF_QUANT_LOG", "INFO"))
+    ours.setLevel(level)
     ours.propagate = False
     ours.addHandler(term)
     ours.addHandler(recent)
