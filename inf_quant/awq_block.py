@@ -192,7 +192,8 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     if cfg.solve is WeightSolve.GPTQ:  # the scaled layer, quantized by GPTQ group by group (true sequential)
         del xs
         folded = _with_folded_norms(ctx, block, prefix, {})  # rounded to bf16 first: GPTQ sees what is written
-        tensors, losses, gnotes, out = gptq_block(ctx, block, i, hidden, rope, cfg.gptq(), Method.AWQ)
+        tensors, losses, gnotes, out = gptq_block(ctx, block, i, hidden, rope, cfg.gptq(ctx.recipe.gptq),
+                                                 Method.AWQ)
         return {**tensors, **folded}, losses, notes + gnotes, scales, out
     no_clip = replace(cfg, clip_max_shrink=0.0)  # only ratio 1: nothing clipped, the same loss reported
     tensors, losses = {}, {}

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
-from pathlib import Path
 
 from .errors import ConfigError
 
@@ -109,9 +108,10 @@ class AWQConfig:
     coarse_step: int = 2        # per form: every k-th alpha, then the k-1 on each side of the best; 1 = all (AutoAWQ)
     solve: WeightSolve = WeightSolve.GPTQ  # after the scales: a GPTQ solve (measured best), or AutoAWQ's clip + round
 
-    def gptq(self) -> "GPTQConfig":
-        """The GPTQ settings of solve=gptq: this grid (asymmetric, the AWQ group size), GPTQ's other defaults."""
-        return GPTQConfig(bits=self.bits, group_size=self.group_size, sym=False)
+    def gptq(self, solve: GPTQConfig) -> GPTQConfig:
+        """The GPTQ settings of solve=gptq: this grid (these bits and group size, asymmetric: the AWQ gemm format)
+        with the recipe's gptq: section for the rest of the solve (damp, order, block size, range search)."""
+        return replace(solve, bits=self.bits, group_size=self.group_size, sym=False)
 
     def __post_init__(self):
         if self.bits != 4:
@@ -298,6 +298,41 @@ class Recipe:
         bad = [s for s in self.skip if not isinstance(s, str) or not s.strip() or s != s.strip()]
         if bad:
             raise ConfigError(f"skip: entries must be module names, got {bad[0]!r}")
+        self._check_sections_read()
+
+    def _check_sections_read(self) -> None:
+        """Every key set is read: awq reads gptq: only for its GPTQ solve (and not the grid keys, which come from
+        awq:) and its clip keys only for solve rtn; gptq reads awq:'s scale search keys only with smooth: awq. A key
+        that would be ignored is an error naming it."""
+        g, a = _changed(self.gptq), _changed(self.awq)
+        if self.method is Method.GPTQ:
+            search = ("grid_points", "scale_forms", "coarse_step", "search_tokens")  # what gptq.smooth: awq reads
+            unread = [k for k in a if self.gptq.smooth is Smooth.NONE or k not in search]
+            if unread:
+                raise ConfigError(f"awq.{unread[0]}: method gptq reads from the awq: section only the scale search "
+                                  f"keys ({', '.join(search)}) and only with smooth: awq; remove it, or run the "
+                                  "recipe with `inf-quant awq` (method: awq)")
+            return
+        grid = [k for k in g if k in ("bits", "group_size", "sym", "lm_head")]
+        if grid:
+            raise ConfigError(f"gptq.{grid[0]}: method awq takes bits and group_size from awq: (its GPTQ solve is "
+                              "asymmetric, the AWQ gemm format, and has no lm_head); remove it from gptq:")
+        if g and self.awq.solve is WeightSolve.RTN:
+            raise ConfigError(f"gptq.{g[0]}: the gptq: section is read by awq only with solve: gptq (--solve "
+                              "gptq); remove it, or drop solve: rtn")
+        clip = [k for k in a if k in ("clip_grid", "clip_max_shrink", "clip_tokens")]
+        if clip and self.awq.solve is WeightSolve.GPTQ:
+            raise ConfigError(f"awq.{clip[0]}: the clip search runs only with solve: rtn (--solve rtn; solve: gptq "
+                              "searches ranges with gptq.clip_steps); remove it, or set solve: rtn")
+        if self.gptq.order is Order.ACT and not self.gptq.static_groups:
+            raise ConfigError("gptq.order: act (--order act) unsorts g_idx, which the AWQ gemm format cannot store; "
+                              "add static_groups: true (--static-groups) or use group-aware or natural")
+
+    def with_overrides(self, over: dict) -> Recipe:
+        """This recipe with `over` applied: {section: {key: value}} and top-level {key: value}, values spelled as in
+        a recipe file (enums by value, lists for tuples); checked like a loaded recipe. The CLI's flags, `release
+        --model`."""
+        return _override(self, over, "")
 
     @property
     def bits(self) -> int:
@@ -313,6 +348,18 @@ class Recipe:
         d["output"] = {"shard_gb": self.output.shard_gb, "serve_as": self.output.serve_as.value}
         del d["verify"]
         return d
+
+
+def _changed(section) -> list[str]:
+    """The keys of a recipe section (a dataclass without nested ones) that differ from their defaults."""
+    return [f.name for f in fields(section) if getattr(section, f.name) != f.default]
+
+
+def _override(obj, over: dict, where: str):
+    hints = typing.get_type_hints(type(obj))
+    kw = {k: _override(getattr(obj, k), v, f"{where}{k}.") if isinstance(v, dict) else _coerce(hints[k], v, where + k)
+          for k, v in over.items()}
+    return replace(obj, **kw)
 
 
 def _coerce(t, v, where: str):
@@ -350,65 +397,3 @@ def from_dict(cls, data, where: str):
         return cls(**kw)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-
-
-def _unique_key_loader(path: Path):
-    """A yaml SafeLoader that refuses a key given twice in one mapping (yaml itself keeps the last silently)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            self.flatten_mapping(node)  # merge keys (<<) first, as SafeConstructor does
-            seen: dict = {}
-            for key_node, _ in node.value:
-                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-                try:
-                    if key in seen:
-                        raise ConfigError(f"{path}:{line}: duplicate key {key!r} (first on line {seen[key]}); keep "
-                                          "one of them")
-                    seen[key] = line
-                except TypeError:  # an unhashable key: yaml's own error says so below
-                    continue
-            return super().construct_mapping(node, deep)
-
-    return Loader
-
-
-# recipe fields that name files or directories: relative ones are relative to the recipe file's directory
-PATH_FIELDS = {("model", "path"): ("bundled", ""), ("calibration", "source"): ("bundled", "bundled-chat", "bundled-mix"),
-               ("output", "dir"): ("",), ("verify", "eval"): ("bundled-eval",), ("verify", "cache_dir"): ("",)}
-
-
-def _anchor_paths(data: dict, base: Path) -> None:
-    """Make the recipe's relative paths relative to `base` (the recipe's directory), not to the working directory
-    of whoever runs it; keywords (bundled, ...) and empty values stay as they are."""
-    for (section, key), keywords in PATH_FIELDS.items():
-        sec = data.get(section)
-        v = sec.get(key) if isinstance(sec, dict) else None
-        if isinstance(v, str) and v not in keywords and not Path(v).expanduser().is_absolute():
-            sec[key] = str(base / v)
-
-
-def load_recipe(path) -> Recipe:
-    """A recipe YAML file -> Recipe. `name` defaults to the file's stem and must match it when given. A key given
-    twice is an error; relative paths in it are relative to the recipe file (PATH_FIELDS)."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader(path))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the recipe ({' '.join(str(e).split())})") from None
-    where = path.name
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections (method:, model:, gptq:, ...), but this file's "
-                          f"top level is a {type(data).__name__}; write it as 'key: value' lines")
-    data = dict(data or {})
-    data.setdefault("name", path.stem)
-    if data["name"] != path.stem:
-        raise ConfigError(f"{where}: name {data['name']!r} must match the file name {path.stem!r}")
-    for key in ("quantized", "baseline", "report_dir"):
-        if key in (data.get("verify") or {}):
-            raise ConfigError(f"{where}.verify.{key}: set by `inf-quant release`, not by recipes")
-    _anchor_paths(data, path.resolve().parent)
-    return from_dict(Recipe, data, where)

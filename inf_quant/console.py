@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .hashing import default_cache_root
 
 NOISY = ("torch", "torch.utils._pytree", "torchao", "transformers", "gptqmodel", "logbar", "optimum", "accelerate",
          "huggingface_hub", "urllib3", "tokenizers", "device_smi", "datasets", "defuser")
@@ -28,17 +29,17 @@ class _Recent(logging.Handler):
 
 
 @contextlib.contextmanager
-def terminal(verbose: bool):
-    """Our log lines (logger inf_quant) at INF_QUANT_LOG (default INFO) on stderr; the libraries' only with
-    --verbose. Everything, shown or not, is also kept for the crash log. Restored on exit (main() may run
-    in-process, e.g. under pytest)."""
+def terminal(verbose: bool, level: str = "INFO"):
+    """Our log lines (logger inf_quant) from `level` up (--log-level, else $INF_QUANT_LOG) on stderr; the
+    libraries' only with --verbose. Everything, shown or not, is also kept for the crash log. Restored on exit
+    (main() may run in-process, e.g. under pytest)."""
     fmt = logging.Formatter("%(levelname)s %(name)s: %(message)s")
     term, recent = logging.StreamHandler(sys.stderr), _Recent()
     for h in (term, recent):
         h.setFormatter(fmt)
     ours, root = logging.getLogger("inf_quant"), logging.getLogger()
     saved = [(lg, lg.level, lg.propagate) for lg in (ours, root, *map(logging.getLogger, NOISY))]
-    ours.setLevel(os.environ.get("INF_QUANT_LOG", "INFO"))
+    ours.setLevel(level)
     ours.propagate = False
     ours.addHandler(term)
     ours.addHandler(recent)
@@ -116,9 +117,10 @@ def sigterm_as_interrupt():
 
 
 def crash_log_dir(log_dir: str | None = None) -> Path:
-    """--log-dir, else $INF_QUANT_LOG_DIR, else $XDG_CACHE_HOME/inf-quant/logs (~/.cache/inf-quant/logs)."""
+    """--log-dir, else $INF_QUANT_LOG_DIR, else the cache root's logs/ ($XDG_CACHE_HOME/inf-quant/logs,
+    ~/.cache/inf-quant/logs)."""
     d = log_dir or os.environ.get("INF_QUANT_LOG_DIR")
-    return Path(d) if d else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant" / "logs"
+    return Path(d) if d else default_cache_root() / "logs"
 
 
 def crash_log(argv, e: BaseException, log_dir: str | None = None) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 UNCACHED = ("cannot write {what} {path} ({why}): going on without it ({cost}); to keep it, pass --cache-dir DIR "
-            "(verify) or set XDG_CACHE_HOME to a writable directory")
+            "or set XDG_CACHE_HOME to a writable directory")
 
 
 def write_cache(path: Path, write, what: str, cost: str) -> None:
@@ -47,11 +47,16 @@ def files_sha256(paths: tuple[Path, ...]) -> str:
     return h.hexdigest()
 
 
+def default_cache_root() -> Path:
+    """$XDG_CACHE_HOME/inf-quant, else ~/.cache/inf-quant: where inf-quant keeps what it can rebuild (memos, crash
+    logs, vLLM's test venv) unless --cache-dir says otherwise. The one rule; bench/ uses it too."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inf-quant"
+
+
 def cache_root(cache_dir: str) -> Path:
-    """The cache directory (cache_dir, else $XDG_CACHE_HOME/inf-quant, else ~/.cache/inf-quant), created if
-    possible. It only holds memos (file hashes, baseline results): where it cannot be written, work goes on
-    without them and says so (UNCACHED)."""
-    root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inf-quant"
+    """The cache directory (cache_dir, else default_cache_root()), created if possible. It only holds memos (file
+    hashes, baseline results): where it cannot be written, work goes on without them and says so (UNCACHED)."""
+    root = Path(cache_dir) if cache_dir else default_cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError:

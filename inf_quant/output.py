@@ -42,7 +42,8 @@ def fingerprint(ctx) -> dict:
         "recipe": public_recipe(ctx.recipe),
         "calibration_sha256": ctx.calib_sha256,
         "model_config": ctx.ckpt.config,
-        "model_sha256": checkpoint_sha256(ctx.ckpt.path, ctx.ckpt.files, cache_root("")),  # content, memoised by (path, size, mtime)
+        # content, memoised by (path, size, mtime) in the recipe's cache directory (--cache-dir)
+        "model_sha256": checkpoint_sha256(ctx.ckpt.path, ctx.ckpt.files, cache_root(ctx.recipe.verify.cache_dir)),
         "device": ctx.device.type,
         "dtype": str(ctx.dtype),
         "inf_quant": __version__,

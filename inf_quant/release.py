@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .config import Layout, Recipe, load_recipe
+from .config import Layout, Recipe
 from . import preflight
 from .errors import ConfigError, resumable
 from .hashing import cache_root, checkpoint_sha256, file_sha256
@@ -31,6 +31,7 @@ from .load import open_checkpoint
 from .output import git_commit, public_recipe, replace_dir
 from .paths import resolve_model_path
 from .pipeline import quantize
+from .recipe_file import load_recipe
 from .verify import verify, versions
 from .write import write_json
 
@@ -77,11 +78,13 @@ def load_recipes(recipes_dir: Path, only: tuple[str, ...] = ()) -> list[Recipe]:
     return [r for r in recipes if not only or r.name in only]
 
 
-def _with_model(recipe: Recipe, model: str | None, serve_as: Layout | None = None) -> Recipe:
-    path = model or recipe.model.path
-    resolve_model_path(path)  # raises "no model given" for recipes that leave it to --model
-    output = dataclasses.replace(recipe.output, serve_as=serve_as) if serve_as else recipe.output
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=path), output=output)
+def _with_overrides(recipe: Recipe, model: str | None, serve_as: Layout | None, cache_dir: str | None) -> Recipe:
+    """The recipe with release's --model, --serve-as and --cache-dir (those given) in place of its own keys."""
+    given = {"model": {"path": model}, "output": {"serve_as": serve_as and serve_as.value},
+             "verify": {"cache_dir": cache_dir}}
+    recipe = recipe.with_overrides({s: {k: v for k, v in kv.items() if v} for s, kv in given.items()})
+    resolve_model_path(recipe.model.path)  # raises "no model given" for recipes that leave it to --model
+    return recipe
 
 
 def files_table(d: Path) -> dict:
@@ -117,12 +120,13 @@ def _variant_entry(recipe: Recipe, data: dict, vdir: Path) -> dict:
 
 
 def release(recipes_dir: str | Path, out: str | Path, model: str | None = None, only: tuple[str, ...] = (),
-            resume: bool = False, force: bool = False, progress=None, serve_as: Layout | None = None) -> ReleaseReport:
-    """serve_as, when given, overrides every recipe's output.serve_as. With `only`, the other variants of an
-    existing manifest are kept in it (and in --check); on resume a published variant is kept only if its recipe
-    is the one it was built from."""
+            resume: bool = False, force: bool = False, progress=None, serve_as: Layout | None = None,
+            cache_dir: str | None = None) -> ReleaseReport:
+    """model, serve_as and cache_dir, when given, override every recipe's model.path, output.serve_as and
+    verify.cache_dir. With `only`, the other variants of an existing manifest are kept in it (and in --check); on
+    resume a published variant is kept only if its recipe is the one it was built from."""
     recipes_dir, out = Path(recipes_dir), Path(out)
-    recipes = [_with_model(r, model, serve_as) for r in load_recipes(recipes_dir, only)]
+    recipes = [_with_overrides(r, model, serve_as, cache_dir) for r in load_recipes(recipes_dir, only)]
     out = preflight.for_release(recipes, str(out))
     existing = [r.name for r in recipes if (out / r.name).exists()]
     if existing and not (resume or force):

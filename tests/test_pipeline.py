@@ -155,9 +155,13 @@ def test_gptq_beats_rtn_on_the_model_output(quantized):
 
 
 def _recipe(model, out, method="gptq", resume=False, **kw) -> Recipe:
+    """kw: GPTQ settings (gptq's, or awq's GPTQ solve); the grid is g32 either way (a recipe sets only the keys its
+    method reads)."""
+    grid = {"gptq": GPTQConfig(bits=4, group_size=32, **kw)} if method == "gptq" else \
+        {"gptq": GPTQConfig(**kw), "awq": AWQConfig(group_size=32)}
     return Recipe(method=Method(method), model=ModelConfig(path=str(model)),
-                  calibration=CalibConfig(samples=8, seqlen=64), gptq=GPTQConfig(bits=4, group_size=32, **kw),
-                  awq=AWQConfig(group_size=32), output=OutputConfig(dir=str(out), resume=resume))
+                  calibration=CalibConfig(samples=8, seqlen=64), output=OutputConfig(dir=str(out), resume=resume),
+                  **grid)
 
 
 def test_unproven_cuda_paths_are_recipe_fields_in_one_spelling():

