@@ -17,7 +17,7 @@ Per layer, in this order:
    (a norm: weight AND bias for LayerNorm; a linear: its output rows, only where shapes allow).
 3. Quantize, by awq.solve:
    - `gptq` (default): with every scale folded (norms rounded to the checkpoint's bf16 first, as written), the
-     layer is quantized by gptq_block.gptq_block on the AWQ grid (asymmetric, AWQ's group size, group-aware order,
+     layer is quantized by gptq_block.solve_layer on the AWQ grid (asymmetric, AWQ's group size, group-aware order,
      so groups stay i // G as the gemm format needs) -- true sequential: each group's Hessian comes from all S
      samples run through the earlier groups already quantized. Written in the same AWQ gemm format.
    - `rtn` (AutoAWQ's): linear by linear, the clip threshold is searched on the group's scaled input (skipped
@@ -41,8 +41,9 @@ import torch
 from torch import nn
 
 from .config import Method, WeightSolve
+from .context import BlockResult, Context
 from .forward import run_block
-from .gptq_block import gptq_block, keep_bf16
+from .gptq_block import keep_bf16, solve_layer
 from .qformat import from_tensors, to_tensors
 from .quant.awq import (apply_clip, awq_quantize, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
                         scale_linear_inputs, search_clip, search_scale)
@@ -151,7 +152,7 @@ def group_label(group) -> str:
     return "+".join(n.rsplit(".", 1)[-1] for n in group.names)
 
 
-def _search_and_fold(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple, cfg,
+def _search_and_fold(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple, cfg,
                      sym: bool) -> tuple[list[torch.Tensor], list[str], dict]:
     """Steps 1 and 2 of the module docstring: capture, then each group's scale searched (on the symmetric grid if
     sym, else AWQ's) and folded. Returns (each group's input as its scaled weights now see it [n, T, K], notes,
@@ -168,7 +169,8 @@ def _search_and_fold(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: 
     return xs, notes, scales
 
 
-def smooth_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple) -> tuple[dict, list[str], dict]:
+def smooth_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor,
+                 rope: tuple) -> tuple[dict[str, torch.Tensor], list[str], dict[str, tuple[str, float]]]:
     """gptq.smooth: awq, before gptq_block: AWQ's scales (the recipe's awq: search settings, GPTQ's group size),
     searched on GPTQ's symmetric grid and folded (LayerNorm weight and bias for q/k/v and gate/up, v_proj's rows for
     o_proj, up_proj's for down_proj). Returns (the folded norms as written, in the checkpoint's dtype, notes, the
@@ -180,11 +182,12 @@ def smooth_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tupl
     return _with_folded_norms(ctx, block, ctx.lmap.block_prefix(i), {}), notes, scales
 
 
-def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
-    """Quantize one layer with AWQ (see the module docstring for the order of operations).
+def awq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple) -> BlockResult:
+    """Quantize layer i with AWQ (see the module docstring for the order of operations); gptq_block's twin.
 
-    Returns (checkpoint tensors, per-linear loss, notes, chosen scale per group: label -> (form, alpha), or
-    ("none", 0.0) where no scale could be folded, and the layer's output [S, T, D] (solve=gptq) or None).
+    hidden: [S, T, D], the layer's input (not modified). The result's scales: the chosen scale per group,
+    label -> (form, alpha), or ("none", 0.0) where no scale could be folded; its output: the layer's output
+    [S, T, D] (solve=gptq) or None (solve=rtn: the caller runs the layer).
     """
 
     cfg, prefix, groups = ctx.recipe.awq, ctx.lmap.block_prefix(i), ctx.lmap.groups
@@ -192,9 +195,8 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
     if cfg.solve is WeightSolve.GPTQ:  # the scaled layer, quantized by GPTQ group by group (true sequential)
         del xs
         folded = _with_folded_norms(ctx, block, prefix, {})  # rounded to bf16 first: GPTQ sees what is written
-        tensors, losses, gnotes, out = gptq_block(ctx, block, i, hidden, rope, cfg.gptq(ctx.recipe.gptq),
-                                                 Method.AWQ)
-        return {**tensors, **folded}, losses, notes + gnotes, scales, out
+        solved = solve_layer(ctx, block, i, hidden, rope, cfg.gptq(ctx.recipe.gptq), Method.AWQ)
+        return replace(solved, tensors={**solved.tensors, **folded}, notes=(*notes, *solved.notes), scales=scales)
     no_clip = replace(cfg, clip_max_shrink=0.0)  # only ratio 1: nothing clipped, the same loss reported
     tensors, losses = {}, {}
     for group, x in zip(groups, xs):
@@ -210,10 +212,10 @@ def awq_block(ctx, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
             tensors.update({f"{prefix}{name}.{k}": v for k, v in t.items()})
             mod.weight.data = from_tensors(t, Method.AWQ, cfg.bits, mod.in_features).to(mod.weight)
             losses[name] = clip.loss
-    return _with_folded_norms(ctx, block, prefix, tensors), losses, notes, scales, None
+    return BlockResult(_with_folded_norms(ctx, block, prefix, tensors), losses, tuple(notes), None, scales)
 
 
-def _with_folded_norms(ctx, block: nn.Module, prefix: str, tensors: dict) -> dict:
+def _with_folded_norms(ctx: Context, block: nn.Module, prefix: str, tensors: dict) -> dict:
     """tensors plus the folded norms (and any other non-quantized module a scale went into)."""
     for group in ctx.lmap.groups:
         prev = block.get_submodule(group.input_from)

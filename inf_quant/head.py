@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import GPTQConfig, Method
+from .context import Context
+from .load import Checkpoint, load_named
 from .qformat import from_tensors, to_tensors
 from .quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
 
@@ -38,20 +40,16 @@ def solve_head(w: Tensor, h: Tensor, cfg: GPTQConfig) -> tuple[dict[str, Tensor]
     return t, from_tensors(t, Method.GPTQ, cfg.bits, w.shape[1]), q.proxy_loss, q.damp
 
 
-def head_weight(ckpt, skel: nn.Module, device, dtype: torch.dtype) -> Tensor:
+def head_weight(ckpt: Checkpoint, skel: nn.Module, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The head's weight [V, D] in the compute dtype: lm_head.weight, or the embedding when they are tied."""
-    from .load import load_named
-
     lm = ckpt.layer_map
     name = lm.lm_head if f"{lm.lm_head}.weight" in ckpt.weight_map else lm.embed
     return load_named(ckpt, skel, name, device, dtype).weight.detach()
 
 
-def quantize_head(ctx, skel: nn.Module, hidden: Tensor) -> tuple[dict[str, Tensor], float, list[str]]:
+def quantize_head(ctx: Context, skel: nn.Module, hidden: Tensor) -> tuple[dict[str, Tensor], float, list[str]]:
     """(tensors under `lm_head.`, proxy loss, notes) for the calibration outputs `hidden` [S, T, D] of the last
     layer (not modified)."""
-    from .load import load_named
-
     cfg = ctx.recipe.gptq
     norm = load_named(ctx.ckpt, skel, ctx.lmap.final_norm, ctx.device, ctx.dtype)
     h = head_hessian(norm, hidden, ctx.recipe.run.forward_batch)

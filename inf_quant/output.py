@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from . import __version__
 from .config import Layout, Method, Order, Recipe, to_dict
+from .context import Context, LayerResult
 from .errors import ConfigError, resumable
 from .fast_tokenizer import fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
 from .hashing import cache_root, checkpoint_sha256
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 
 
-def fingerprint(ctx) -> dict:
+def fingerprint(ctx: Context) -> dict:
     """What the output bytes depend on; a resumed run must match it exactly. The model enters by content (sha256
     of config.json and every shard), so a refreshed checkpoint of the same shapes does not resume into a mix."""
     return {
@@ -118,7 +119,7 @@ class LayerWriter:
             self._pool.shutdown(wait=True)
 
 
-def open_work_dir(ctx) -> WorkDir:
+def open_work_dir(ctx: Context) -> WorkDir:
     out, rec = ctx.out_dir, ctx.recipe.output  # prepare() already refused an existing out without --force
     work = WorkDir(out.parent / f".{out.name}.partial")
     fp = json.loads(json.dumps(fingerprint(ctx), sort_keys=True))
@@ -150,7 +151,7 @@ def abandon(work: WorkDir, e: BaseException) -> None:
         e.add_note(f"the unfinished run ({work.path.name}) was removed")
 
 
-def _block_leftovers(ctx, i: int, saved: set[str]) -> list[str]:
+def _block_leftovers(ctx: Context, i: int, saved: set[str]) -> list[str]:
     """Input tensors of layer i that the method did not rewrite (norms for GPTQ), excluding quantized linears."""
     prefix, linears = ctx.lmap.block_prefix(i), ctx.lmap.linears
     names = []
@@ -161,7 +162,7 @@ def _block_leftovers(ctx, i: int, saved: set[str]) -> list[str]:
     return names
 
 
-def _tensor_plan(ctx, work: WorkDir) -> tuple[dict[str, int], dict[str, Path]]:
+def _tensor_plan(ctx: Context, work: WorkDir) -> tuple[dict[str, int], dict[str, Path]]:
     """Ordered name -> bytes of the release, and which work file holds each quantized tensor."""
     sizes, source = {}, {}
     lm = ctx.lmap
@@ -193,7 +194,7 @@ def _order_key(name: str, lm) -> tuple:
     return (2, 0 if name.startswith(lm.final_norm + ".") else 1, name)
 
 
-def _fetch(ctx, source: dict[str, Path]):
+def _fetch(ctx: Context, source: dict[str, Path]):
     def fetch(keys: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         from_work = [k for k in keys if k in source]
@@ -236,7 +237,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_configs(ctx, staging: Path) -> None:
+def write_configs(ctx: Context, staging: Path) -> None:
     cfg = {k: v for k, v in ctx.ckpt.config.items() if k not in ("auto_map", "quantization_config")}
     cfg["quantization_config"] = quantization_config(ctx.recipe, ctx.lmap, ctx.skip)
     if cfg["quantization_config"].get("lm_head"):
@@ -308,7 +309,7 @@ class QuantizeReport:
     size_bytes: int
     quantized_params: int
     bits_per_weight: float   # bits on disk per quantized weight (codes + scales + zeros + g_idx)
-    results: tuple
+    results: tuple[LayerResult, ...]
 
     def summary(self) -> dict:
         return {"out_dir": str(self.out_dir), "method": self.method, "bits": self.bits,
@@ -330,7 +331,7 @@ class QuantizeReport:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def publish(ctx, work: WorkDir, results: list, seconds: float, peak: PeakMemory) -> QuantizeReport:
+def publish(ctx: Context, work: WorkDir, results: list[LayerResult], seconds: float, peak: PeakMemory) -> QuantizeReport:
     staging = work.path / "out"
     if staging.exists():
         shutil.rmtree(staging)

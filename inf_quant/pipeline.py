@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from . import output, preflight
 from .awq_block import awq_block, scale_summary, smooth_block
 from .calibrate import calibration_files, document_ids, sample_windows
 from .config import Method, Recipe, Smooth
+from .context import BlockResult, Context, LayerResult
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
 from .forward import forward_all
@@ -42,36 +43,6 @@ from .qformat import from_tensors
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerResult:
-    index: int
-    seconds: float
-    losses: dict[str, float]  # proxy loss per quantized linear (GPTQ) or output MSE (AWQ)
-    notes: tuple[str, ...]    # adjustments made in this layer (damping raised, folds skipped)
-    peak_rss: int             # bytes, process peak so far
-    peak_vram: int            # bytes, torch peak allocated so far (0 on CPU)
-    expected: int             # bytes, the expected peak of that same figure (RSS on CPU, VRAM on CUDA)
-    resumed: bool             # rebuilt from the work directory, not re-quantized
-    scales: dict[str, tuple[str, float]] = field(default_factory=dict)  # AWQ: group -> chosen (form, alpha)
-
-
-@dataclass(frozen=True)
-class Context:
-    """Everything resolved before the first layer: validated inputs and calibration batches."""
-
-    recipe: Recipe
-    model_dir: Path
-    ckpt: Checkpoint
-    config: object
-    lmap: LayerMap
-    device: torch.device
-    dtype: torch.dtype
-    ids: torch.Tensor        # [S, T] int64 calibration windows
-    calib_sha256: str
-    out_dir: Path
-    skip: frozenset = frozenset()  # full names of linears left in bf16 (recipe.skip, resolved)
 
 
 def prepare(recipe: Recipe, plan: preflight.QuantizePlan | None = None) -> Context:
@@ -123,15 +94,16 @@ def apply_saved(ctx: Context, block: nn.Module, i: int, tensors: dict[str, torch
             block.get_parameter(rel).data = v.to(block.get_parameter(rel))
 
 
-def quantize_layer(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple):
-    """(checkpoint tensors, losses, notes, AWQ scale per group, the layer's output [S, T, D] or None) for one
-    layer; None: the caller runs the quantized layer (forward_all)."""
-    if ctx.recipe.method is Method.GPTQ:
-        folded, smooth_notes, scales = ({}, [], {}) if ctx.recipe.gptq.smooth is Smooth.NONE else \
-            smooth_block(ctx, block, i, hidden, rope)
-        tensors, losses, notes, out = gptq_block(ctx, block, i, hidden, rope)
-        return {**tensors, **folded}, losses, smooth_notes + notes, scales, out
-    return awq_block(ctx, block, i, hidden, rope)
+def quantize_layer(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple) -> BlockResult:
+    """Layer i quantized by the recipe's method: gptq_block or awq_block, the twins (same arguments, same result);
+    with gptq.smooth: awq, AWQ's scales searched on GPTQ's grid are folded in first (awq_block.smooth_block)."""
+    if ctx.recipe.method is Method.AWQ:
+        return awq_block(ctx, block, i, hidden, rope)
+    if ctx.recipe.gptq.smooth is Smooth.NONE:
+        return gptq_block(ctx, block, i, hidden, rope)
+    folded, notes, scales = smooth_block(ctx, block, i, hidden, rope)
+    done = gptq_block(ctx, block, i, hidden, rope)
+    return replace(done, tensors={**done.tensors, **folded}, notes=(*notes, *done.notes), scales=scales)
 
 
 def quantize(recipe: Recipe, progress: Callable[[LayerResult, int], None] | None = None) -> output.QuantizeReport:
@@ -210,17 +182,17 @@ def _layers(ctx: Context, work: output.WorkDir, progress) -> tuple[list[LayerRes
             out = None
             if saved.is_file():
                 apply_saved(ctx, block, i, load_file(saved))
-                losses, notes, scales, resumed = {}, [], {}, True
+                losses, notes, scales, resumed = {}, (), {}, True
             else:
-                tensors, losses, notes, scales, out = quantize_layer(ctx, block, i, hidden, rope)
-                writer.save(i, tensors)   # written while layer i + 1 computes
-                del tensors
-                resumed = False
+                done = quantize_layer(ctx, block, i, hidden, rope)
+                writer.save(i, done.tensors)   # written while layer i + 1 computes
+                losses, notes, scales, out, resumed = done.losses, done.notes, done.scales, done.output, False
+                del done                       # the device copies of the written tensors
             hidden = out if out is not None else forward_all(block, hidden, rope, recipe.run.forward_batch,
                                                              in_place=True)
             del block
             rss, vram = peak.read()
-            results.append(LayerResult(i, time.monotonic() - t_layer, losses, tuple(notes), rss, vram, expected,
+            results.append(LayerResult(i, time.monotonic() - t_layer, losses, notes, rss, vram, expected,
                                        resumed, scales))
             if progress:
                 progress(results[-1], ctx.ckpt.num_layers)

@@ -451,13 +451,14 @@ def test_awq_block_skips_q_k_clip_and_reports_scales(monkeypatch):
     ctx = SimpleNamespace(recipe=SimpleNamespace(awq=rtn, run=SimpleNamespace(forward_batch=2)),
                           lmap=LAYER_MAPS["llama"], config=block.self_attn.config,
                           ckpt=SimpleNamespace(dtype=lambda _: torch.float32), skip=frozenset())
-    tensors, losses, notes, scales, _ = block_mod.awq_block(ctx, block, 0, hidden, rope)
+    done = block_mod.awq_block(ctx, block, 0, hidden, rope)
+    losses, notes, scales = done.losses, done.notes, done.scales
     names = LAYER_MAPS["llama"].linears
     assert {n: shrink[i] for i, n in enumerate(names)} == {
         n: 0.0 if n in ("self_attn.q_proj", "self_attn.k_proj") else CFG.clip_max_shrink for n in names}
     assert set(losses) == set(names) and all(v >= 0 for v in losses.values())
     assert list(scales) == ["q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"]
-    assert notes == []  # GQA v -> o folds with a tied scale
+    assert notes == ()  # GQA v -> o folds with a tied scale
     assert all(f in ("plain", "duo") and 0 <= a < 1 for f, a in scales.values())
 
 
