@@ -99,7 +99,7 @@ def _verify(args) -> int:
 
     with library_stdout(args):
         report = verify(cfg, progress=_PhaseProgress(args.quiet or args.json))
-    print(json.dumps(report.data, sort_keys=True) if args.json else report.to_text())
+    print(json.dumps(report.to_json(), sort_keys=True) if args.json else report.to_text())
     return 0 if report.passed else 1
 
 

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from .verify_report import DomainMetrics
+
 
 def topk_logprobs(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """From logits [P, V] (any float) and targets [P] int64: target log-prob [P] fp32, top-k log-probs [P, k] fp32
@@ -47,9 +49,9 @@ def perplexity(target_logp: Tensor) -> float:
     return math.exp(-target_logp.double().mean().item())
 
 
-def summarize(base_target: Tensor, quant_target: Tensor, kl: Tensor, agree: Tensor) -> dict:
+def summarize(base_target: Tensor, quant_target: Tensor, kl: Tensor, agree: Tensor) -> DomainMetrics:
     """Metrics of one domain: every argument is [P] over that domain's predicted positions."""
     pb, pq = perplexity(base_target), perplexity(quant_target)
-    return {"tokens": int(base_target.numel()), "ppl_baseline": pb, "ppl_quantized": pq,
-            "ppl_increase_pct": 100.0 * (pq / pb - 1.0), "kl_mean": kl.double().mean().item(),
-            "top1_agreement": agree.double().mean().item()}
+    return DomainMetrics(tokens=int(base_target.numel()), ppl_baseline=pb, ppl_quantized=pq,
+                         ppl_increase_pct=100.0 * (pq / pb - 1.0), kl_mean=kl.double().mean().item(),
+                         top1_agreement=agree.double().mean().item())

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
@@ -33,6 +33,7 @@ from .paths import resolve_model_path
 from .pipeline import quantize
 from .recipe_file import load_recipe
 from .verify import verify, versions
+from .verify_report import VerifyReport
 from .write import write_json
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,11 @@ def files_table(d: Path) -> dict:
     return {p.name: {"sha256": file_sha256(p), "size": p.stat().st_size} for p in sorted(d.iterdir()) if p.is_file()}
 
 
-def _failures(data: dict) -> list[str]:
-    return [f"{g['name']} [{g['domain']}] {g['value']:.4g} vs {g['threshold']:g}" for g in data["gates"] if not g["passed"]]
+def _failures(report: VerifyReport) -> list[str]:
+    return [f"{g.name} [{g.domain}] {g.value:.4g} vs {g.threshold:g}" for g in report.gates if not g.passed]
 
 
-def _build(recipe: Recipe, staging: Path, resume: bool, progress) -> dict:
+def _build(recipe: Recipe, staging: Path, resume: bool, progress) -> VerifyReport:
     """Quantize into staging/<name> (reusing a finished quantization there on resume), then verify it there."""
     target = staging / recipe.name
     marker = target / "inf_quant.json"
@@ -104,15 +105,15 @@ def _build(recipe: Recipe, staging: Path, resume: bool, progress) -> dict:
         out = dataclasses.replace(recipe.output, dir=str(target), force=True, resume=resume)
         quantize(dataclasses.replace(recipe, output=out), progress=progress)
     vcfg = dataclasses.replace(recipe.verify, quantized=str(target), baseline=recipe.model.path, report_dir="")
-    return verify(vcfg).data
+    return verify(vcfg)
 
 
-def _variant_entry(recipe: Recipe, data: dict, vdir: Path) -> dict:
-    analytic = data["vram"]["analytic"]
+def _variant_entry(recipe: Recipe, report: VerifyReport, vdir: Path) -> dict:
+    analytic = report.vram.analytic
     layout = json.loads((vdir / "config.json").read_text())["model_type"]  # inflm, stablelm (or llama)
-    return {"recipe": public_recipe(recipe), "layout": layout, "passed": data["passed"],
-            "gates_failed": _failures(data),
-            "metrics": data["metrics"],
+    return {"recipe": public_recipe(recipe), "layout": layout, "passed": report.passed,
+            "gates_failed": _failures(report),
+            "metrics": {d: asdict(m) for d, m in report.metrics.items()},
             "vram": {k: analytic[k] for k in ("budget_bytes", "context", "weights_bytes", "total_bytes", "fits",
                                               "max_context", "verdict")},
             "calibration_sha256": json.loads((vdir / "inf_quant.json").read_text())["calibration_sha256"],
@@ -176,22 +177,22 @@ def _release(recipes, out: Path, staging: Path, only, resume: bool, force: bool,
         final = out / r.name
         if resume and not force and (final / "verify.json").is_file() and _built_from(final) == public_recipe(r):
             log.info("%s: already published from this recipe, keeping it", r.name)
-            data = json.loads((final / "verify.json").read_text())
+            report = VerifyReport.read(final / "verify.json")
         else:
             if resume and (final / "verify.json").is_file():
                 log.info("%s: published from a different recipe: rebuilding it", r.name)
             log.info("%s: quantize -> verify", r.name)
-            data = _build(r, staging, resume, progress)
-            if data["passed"]:
+            report = _build(r, staging, resume, progress)
+            if report.passed:
                 replace_dir(staging / r.name, final)
             else:
                 replace_dir(staging / r.name, out / ".rejected" / r.name)
                 final = out / ".rejected" / r.name
-        if data["passed"]:
+        if report.passed:
             passed.append(r.name)
-            variants[r.name] = _variant_entry(r, data, final)
+            variants[r.name] = _variant_entry(r, report, final)
         else:
-            failed[r.name] = _failures(data)
+            failed[r.name] = _failures(report)
     if only:  # merge: the variants not rebuilt now stay in the manifest as they were
         built = {r.name for r in recipes}
         variants = {**{k: v for k, v in previous.get("variants", {}).items() if k not in built}, **variants}

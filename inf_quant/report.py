@@ -1,7 +1,7 @@
-"""The release report of `verify`: its JSON-able dict → report.md, ppl_by_domain.png and vram.png.
+"""The release report of `verify`: its VerifyReport (verify_report.py) → report.md, ppl_by_domain.png and vram.png.
 
-Everything written here is a pure function of the dict: no timestamps, no local state, and PNGs rendered with
-a fixed size, dpi and font and without the "Software" tag, so the same dict gives byte-identical files in any
+Everything written here is a pure function of the report: no timestamps, no local state, and PNGs rendered with
+a fixed size, dpi and font and without the "Software" tag, so the same report gives byte-identical files in any
 process. matplotlib is imported only inside the render functions, and only its object API (Figure +
 FigureCanvasAgg) is used, so importing this module selects no backend and touches no global state.
 """
@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 
 from .errors import InfQuantError
+from .verify_report import GIB, Gate, VerifyReport, Vram, gib as _gib, signed_pct
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
 DOMAINS = ("all", "en", "zh", "code", "math")   # report order; other domains follow, sorted
 PPL_PNG = "ppl_by_domain.png"
 VRAM_PNG = "vram.png"
@@ -37,10 +37,8 @@ VRAM_PARTS = (("weights_bytes", "weights", "#4C72B0"), ("kv_bytes", "KV cache", 
               ("overhead_bytes", "overhead", "#937860"))
 
 
-def write_report(report: dict, out_dir: Path) -> list[Path]:
+def write_report(report: VerifyReport, out_dir: Path) -> list[Path]:
     """Write report.md, ppl_by_domain.png and vram.png for one `verify` result into out_dir.
-
-    report: the dict `verify` writes to verify.json (schema in `inf_quant.verify`); it is not modified.
     Returns the written paths in the order [report.md, ppl_by_domain.png, vram.png].
     """
     out_dir = Path(out_dir)
@@ -56,62 +54,60 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- markdown
 
 
-def render_markdown(report: dict) -> str:
-    """report.md as one string, deterministic for a given dict."""
-    sections = [_md_header(report), _md_gates(report["gates"]), _md_accuracy(report),
-                _md_vram(report["vram"]), _md_eval(report["eval"]), _md_inputs(report), _md_environment(report)]
+def render_markdown(report: VerifyReport) -> str:
+    """report.md as one string, deterministic for a given report."""
+    sections = [_md_header(report), _md_gates(report.gates), _md_accuracy(report),
+                _md_vram(report.vram), _md_eval(report), _md_inputs(report), _md_environment(report)]
     return "\n\n".join(sections) + "\n"
 
 
-def _md_header(report: dict) -> str:
-    q, gates = report["quantized"], report["gates"]
-    verdict = "✅ PASS" if report["passed"] else "❌ FAIL"
-    group = "per-channel" if q["group_size"] == -1 else f"group size {q['group_size']}"
-    failed = sum(not g["passed"] for g in gates)
+def _md_header(report: VerifyReport) -> str:
+    q, gates = report.quantized, report.gates
+    verdict = "✅ PASS" if report.passed else "❌ FAIL"
+    group = "per-channel" if q.group_size == -1 else f"group size {q.group_size}"
+    failed = sum(not g.passed for g in gates)
     summary = (f"All {len(gates)} gates passed." if failed == 0
                else f"**{failed} of {len(gates)} gates failed** (listed first below).")
     return "\n".join([
         f"# {model_name(report)}: {verdict}", "",
-        f"{q['quant_method'].upper()} {q['bits']}-bit, {group}, compared with the bf16 baseline "
-        f"**{_cell(Path(report['baseline']['path']).name)}** on `{_cell(report['eval']['source'])}` "
-        f"(seqlen {report['eval']['seqlen']:,}).", "",
+        f"{q.quant_method.upper()} {q.bits}-bit, {group}, compared with the bf16 baseline "
+        f"**{_cell(Path(report.baseline.path).name)}** on `{_cell(report.eval.source)}` "
+        f"(seqlen {report.eval.seqlen:,}).", "",
         summary])
 
 
-def model_name(report: dict) -> str:
+def model_name(report: VerifyReport) -> str:
     """The quantized checkpoint's directory name, as the report calls it."""
-    return Path(report["quantized"]["path"]).name
+    return Path(report.quantized.path).name
 
 
-def _md_gates(gates: list[dict]) -> str:
+def _md_gates(gates: tuple[Gate, ...]) -> str:
     """Failing gates first; otherwise the order `verify` checked them in."""
     rows = [_row("Gate", "Domain", "Threshold", "Value", "Result"), _row(*["---"] * 5)]
-    for g in sorted(gates, key=lambda g: g["passed"]):
-        _, op, fmt = GATE_METRIC.get(g["name"], (None, "", lambda v: f"{v:.4g}"))
-        threshold = f"{op} {fmt(g['threshold']).lstrip('+')}".strip()
-        rows.append(_row(f"`{g['name']}`", g["domain"], threshold, fmt(g["value"]),
-                         "✅ pass" if g["passed"] else "❌ FAIL"))
+    for g in sorted(gates, key=lambda g: g.passed):
+        _, op, fmt = GATE_METRIC.get(g.name, (None, "", lambda v: f"{v:.4g}"))
+        threshold = f"{op} {fmt(g.threshold).lstrip('+')}".strip()
+        rows.append(_row(f"`{g.name}`", g.domain, threshold, fmt(g.value), "✅ pass" if g.passed else "❌ FAIL"))
     if not gates:
         rows.append(_row("(no gates)", "", "", "", ""))
     return "## Gates\n\n" + "\n".join(rows)
 
 
-def _md_accuracy(report: dict) -> str:
+def _md_accuracy(report: VerifyReport) -> str:
     """One row per domain; a value whose gate failed carries ❌."""
-    failed = {(GATE_METRIC[g["name"]][0], g["domain"]) for g in report["gates"]
-              if not g["passed"] and g["name"] in GATE_METRIC}
+    failed = {(GATE_METRIC[g.name][0], g.domain) for g in report.gates if not g.passed and g.name in GATE_METRIC}
 
     def mark(metric: str, domain: str, text: str) -> str:
         return f"{text} ❌" if (metric, domain) in failed else text
 
     rows = [_row("Domain", "Tokens", "bf16 PPL", "Quantized PPL", "Δ PPL", "KL (mean, nats)", "Top-1 agreement"),
             _row("---", *["---:"] * 6)]
-    for d in ordered_domains(report["metrics"]):
-        m = report["metrics"][d]
-        rows.append(_row(d, f"{m['tokens']:,}", f"{m['ppl_baseline']:.3f}", f"{m['ppl_quantized']:.3f}",
-                         mark("ppl_increase_pct", d, signed_pct(m['ppl_increase_pct'], 2)),
-                         mark("kl_mean", d, f"{m['kl_mean']:.4f}"),
-                         mark("top1_agreement", d, f"{100 * m['top1_agreement']:.2f} %")))
+    for d in ordered_domains(report.metrics):
+        m = report.metrics[d]
+        rows.append(_row(d, f"{m.tokens:,}", f"{m.ppl_baseline:.3f}", f"{m.ppl_quantized:.3f}",
+                         mark("ppl_increase_pct", d, signed_pct(m.ppl_increase_pct, 2)),
+                         mark("kl_mean", d, f"{m.kl_mean:.4f}"),
+                         mark("top1_agreement", d, f"{100 * m.top1_agreement:.2f} %")))
     image = f"![Perplexity by domain, bf16 vs {_cell(model_name(report))}]({PPL_PNG})"
     return "## Accuracy\n\n" + "\n".join(rows) + "\n\n" + image
 
@@ -121,8 +117,8 @@ def ordered_domains(metrics: dict) -> list[str]:
     return [d for d in DOMAINS if d in metrics] + sorted(d for d in metrics if d not in DOMAINS)
 
 
-def _md_vram(vram: dict) -> str:
-    a = vram["analytic"]
+def _md_vram(vram: Vram) -> str:
+    a = vram.analytic
     head = (f"## VRAM\n\nAnalytic estimate at context {a['context']:,}, batch {a['batch']}, "
             f"KV cache in {a['kv_dtype']} ({a['kv_bytes_per_token'] / 2**10:.1f} KiB/token):")
     rows = [_row("Component", "GiB", "Share of total"), _row("---", "---:", "---:")]
@@ -140,8 +136,8 @@ def _md_vram(vram: dict) -> str:
              "",
              f"**Largest context that fits in {_gib(a['budget_bytes'])} GiB:** {largest}.", "",
              *([f"**vLLM 0.32** (`inf-quant fit`'s default engine): {v['verdict']} — `{v['command']}`", ""]
-               if (v := vram.get("vllm")) else []),
-             _md_measured(a, vram.get("measured")), "",
+               if (v := vram.vllm) else []),
+             _md_measured(a, vram.measured), "",
              f"![VRAM: analytic breakdown vs the {_gib(a['budget_bytes'])} GiB budget]({VRAM_PNG})"]
     return "\n".join(lines)
 
@@ -167,41 +163,36 @@ def _md_measured(a: dict, m: dict | None) -> str:
     return f"**Measured** on {_cell(m['device'])} at context {m['context']:,}:\n\n" + "\n".join(rows) + note
 
 
-def signed_pct(v: float, digits: int) -> str:
-    """'+1.2 %' / '-0.5 %'; a value that rounds to zero is '+0.0 %', never '-0.0 %'."""
-    text = f"{v:+.{digits}f}"
-    return f"{0.0 if float(text) == 0 else v:+.{digits}f} %"
-
-
 def diff_pct(measured: float, analytic: float) -> float:
     """(measured - analytic) / analytic in %: positive when the estimate is too low."""
     return 100.0 * (measured - analytic) / analytic
 
 
-def _md_eval(ev: dict) -> str:
-    tokens = ", ".join(f"{d} {n:,}" for d, n in ((d, ev["tokens"][d]) for d in ordered_domains(ev["tokens"])))
-    return (f"## Evaluation data\n\n`{_cell(ev['source'])}`, windows of {ev['seqlen']:,} tokens; "
+def _md_eval(report: VerifyReport) -> str:
+    ev = report.eval
+    tokens = ", ".join(f"{d} {ev.tokens[d]:,}" for d in ordered_domains(ev.tokens))
+    return (f"## Evaluation data\n\n`{_cell(ev.source)}`, windows of {ev.seqlen:,} tokens; "
             f"tokens per domain: {tokens or 'none'}.")
 
 
-def _md_inputs(report: dict) -> str:
-    q = report["quantized"]
+def _md_inputs(report: VerifyReport) -> str:
+    q = report.quantized
     rows = [_row("Input", "Path / file", "sha256"), _row("---", "---", "---"),
-            _row("bf16 baseline", f"`{_cell(report['baseline']['path'])}`", _short(report["baseline"]["sha256"])),
-            _row("eval data", f"`{_cell(report['eval']['source'])}`", _short(report["eval"]["sha256"])),
-            _row("quantized", f"`{_cell(q['path'])}`", "")]
-    rows += [_row("", f"`{_cell(name)}`", _short(q["files_sha256"][name])) for name in sorted(q["files_sha256"])]
+            _row("bf16 baseline", f"`{_cell(report.baseline.path)}`", _short(report.baseline.sha256)),
+            _row("eval data", f"`{_cell(report.eval.source)}`", _short(report.eval.sha256)),
+            _row("quantized", f"`{_cell(q.path)}`", "")]
+    rows += [_row("", f"`{_cell(name)}`", _short(q.files_sha256[name])) for name in sorted(q.files_sha256)]
     return ("## Inputs\n\nHashes are shortened to their first "
             f"{SHORT_SHA} hex digits; verify.json has them in full.\n\n" + "\n".join(rows))
 
 
-def _md_environment(report: dict) -> str:
-    v, b = report["versions"], report["backend"]
+def _md_environment(report: VerifyReport) -> str:
+    v, b = report.versions, report.backend
     known = ("inf_quant", "python", "torch", "transformers", "gptqmodel", "optimum")
     names = [n for n in known if n in v] + sorted(n for n in v if n not in known)
     rows = [_row("Package", "Version"), _row("---", "---")]
     rows += [_row(n, _cell(v[n]) if v[n] is not None else "not installed") for n in names]
-    return (f"## Environment\n\nBackend: kernel `{_cell(b['kernel'])}` on `{_cell(b['device'])}`.\n\n"
+    return (f"## Environment\n\nBackend: kernel `{_cell(b.kernel)}` on `{_cell(b.device)}`.\n\n"
             + "\n".join(rows))
 
 
@@ -218,10 +209,6 @@ def _short(sha: str) -> str:
     return f"`{sha[:SHORT_SHA]}…`" if len(sha) > SHORT_SHA else f"`{sha}`"
 
 
-def _gib(n: int | float) -> str:
-    return f"{n / GIB:.2f}"
-
-
 # ------------------------------------------------------------------------------------------------ charts
 
 
@@ -235,7 +222,7 @@ def _new_figure(width_in: float, height_in: float):
     return fig
 
 
-def _png_bytes(draw, report: dict, size: tuple[float, float]) -> bytes:
+def _png_bytes(draw, report: VerifyReport, size: tuple[float, float]) -> bytes:
     """Render draw(fig, report) to PNG bytes under matplotlib's default style and a fixed font.
 
     The style context ignores any user matplotlibrc; metadata={"Software": None} drops the only
@@ -259,13 +246,13 @@ def _png_bytes(draw, report: dict, size: tuple[float, float]) -> bytes:
     return buf.getvalue()
 
 
-def render_ppl_png(report: dict) -> bytes:
+def render_ppl_png(report: VerifyReport) -> bytes:
     """ppl_by_domain.png: per domain, bf16 vs quantized perplexity as grouped bars."""
     return _png_bytes(_draw_ppl, report, (8.0, 4.5))
 
 
-def _draw_ppl(fig, report: dict) -> None:
-    metrics, name = report["metrics"], model_name(report)
+def _draw_ppl(fig, report: VerifyReport) -> None:
+    metrics, name = report.metrics, model_name(report)
     domains = ordered_domains(metrics)
     ax = fig.add_subplot()
     ax.set_title(f"Perplexity by domain: bf16 vs {name}")
@@ -273,15 +260,15 @@ def _draw_ppl(fig, report: dict) -> None:
         ax.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=ax.transAxes)
         return
     x, w = list(range(len(domains))), 0.38
-    base = [metrics[d]["ppl_baseline"] for d in domains]
-    quant = [metrics[d]["ppl_quantized"] for d in domains]
+    base = [metrics[d].ppl_baseline for d in domains]
+    quant = [metrics[d].ppl_quantized for d in domains]
     b = ax.bar([i - w / 2 for i in x], base, w, label="bf16", color="#4C72B0")
-    q = ax.bar([i + w / 2 for i in x], quant, w, label=report["quantized"]["quant_method"].upper()
-               + f" {report['quantized']['bits']}-bit", color="#DD8452")
+    q = ax.bar([i + w / 2 for i in x], quant, w, label=report.quantized.quant_method.upper()
+               + f" {report.quantized.bits}-bit", color="#DD8452")
     ax.bar_label(b, fmt="%.2f", padding=2, fontsize=8)
-    ax.bar_label(q, labels=[f"{v:.2f}\n({signed_pct(metrics[d]['ppl_increase_pct'], 1)})" for d, v in zip(domains, quant)],
+    ax.bar_label(q, labels=[f"{v:.2f}\n({signed_pct(metrics[d].ppl_increase_pct, 1)})" for d, v in zip(domains, quant)],
                  padding=2, fontsize=8)
-    ax.set_xticks(x, [f"{d}\n{metrics[d]['tokens']:,} tok" for d in domains])
+    ax.set_xticks(x, [f"{d}\n{metrics[d].tokens:,} tok" for d in domains])
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_ylim(0, max(base + quant) * 1.22)
     ax.legend(loc="upper right")
@@ -289,13 +276,13 @@ def _draw_ppl(fig, report: dict) -> None:
     ax.set_axisbelow(True)
 
 
-def render_vram_png(report: dict) -> bytes:
+def render_vram_png(report: VerifyReport) -> bytes:
     """vram.png: the analytic breakdown as one stacked bar, the budget as a line, the measured peak below."""
     return _png_bytes(_draw_vram, report, (9.0, 4.0))
 
 
-def _draw_vram(fig, report: dict) -> None:
-    a, m = report["vram"]["analytic"], report["vram"].get("measured")
+def _draw_vram(fig, report: VerifyReport) -> None:
+    a, m = report.vram.analytic, report.vram.measured
     ax = fig.add_subplot()
     rows = [f"analytic\ncontext {a['context']:,}"] + ([f"measured\ncontext {m['context']:,}"] if m else [])
     y = list(range(len(rows)))[::-1]               # analytic on top

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,51 +32,15 @@ from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_byte
 from .metrics import kl_topk, summarize, top1_agreement
 from .paths import resolve_model_path
 from .preflight import VerifyPlan
-from .report import VERIFY_OUTPUTS, signed_pct, write_report
+from .report import VERIFY_OUTPUTS, write_report
 from .tokenizer import load_tokenizer
+from .verify_report import (Backend, Baseline, DomainMetrics, EvalSet, Gate, QuantizedModel, VerifyReport,
+                            Vram)
 from .write import write_json
 
 log = logging.getLogger(__name__)
 ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads")
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    data: dict        # the verify.json content
-    files: tuple      # paths written
-
-    @property
-    def passed(self) -> bool:
-        return self.data["passed"]
-
-    def to_text(self) -> str:
-        lines = [f"{'PASS' if self.passed else 'FAIL'}: {self.data['quantized']['path']}"]
-        lines.append(f"{'domain':<6} {'tokens':>7} {'ppl bf16':>9} {'ppl quant':>9} {'delta %':>8} {'KL':>8} {'top-1':>6}")
-        for dom, m in self.data["metrics"].items():
-            lines.append(f"{dom:<6} {m['tokens']:>7} {m['ppl_baseline']:>9.3f} {m['ppl_quantized']:>9.3f} "
-                         f"{signed_pct(m['ppl_increase_pct'], 2).removesuffix(' %'):>8} {m['kl_mean']:>8.4f} "
-                         f"{m['top1_agreement']:>6.3f}")
-        failed = [g for g in self.data["gates"] if not g["passed"]]
-        for g in failed:
-            lines.append(f"gate failed: {g['name']} [{g['domain']}] value {g['value']:.4g}, threshold {g['threshold']:g}")
-        lines.append("transformers generate() (one-shot prefill): " + self.data["vram"]["analytic"]["verdict"])
-        if "vllm" in self.data["vram"]:
-            lines.append(f"{self.data['vram']['vllm']['verdict']}: {self.data['vram']['vllm']['command']}")
-        own = self.data["vram"].get("verify")
-        if own and "measured_bytes" in own:
-            ph, ex = own["phases"], own["expected_phases_bytes"]
-            above = "" if own["what"].startswith("CUDA") else " above the loaded model"
-            lines.append(f"verify itself ({own['what']}, {own['windows']} windows of {own['seqlen']} tokens): baseline "
-                         f"{gib(ph['baseline']['added_bytes'])} (expected {gib(ex['baseline'])}), scoring "
-                         f"{gib(ph['scoring']['added_bytes'])}{above} (expected {gib(ex['scoring'])}); process peak "
-                         f"{gib(own['measured_bytes'])}")
-        m = self.data["vram"]["measured"]
-        if m:
-            lines.append(f"measured on {m['device']} at context {m['context']}: peak allocated "
-                         f"{m['peak_allocated_bytes'] / 2**30:.2f} GiB, reserved {m['peak_reserved_bytes'] / 2**30:.2f} GiB")
-        lines.append("report: " + ", ".join(str(f) for f in self.files))
-        return "\n".join(lines)
 
 
 def check_pair(quant_cfg: dict, base_cfg: dict, qdir: Path, bdir: Path) -> None:
@@ -149,16 +113,16 @@ def quantized_stats(model, windows: torch.Tensor, base, chunk_bytes: int = LOGIT
     return tgt, kl, agree
 
 
-def gate_results(metrics: dict, gates: Gates) -> list[dict]:
+def gate_results(metrics: dict[str, DomainMetrics], gates: Gates) -> list[Gate]:
     out = []
     for dom, m in metrics.items():
-        if dom != "all" and m["tokens"] < gates.min_domain_tokens:
+        if dom != "all" and m.tokens < gates.min_domain_tokens:
             continue
         for name, key, ok in (("max_ppl_increase_pct", "ppl_increase_pct", lambda v, t: v <= t),
                               ("max_kl", "kl_mean", lambda v, t: v <= t),
                               ("min_top1_agreement", "top1_agreement", lambda v, t: v >= t)):
-            t = getattr(gates, name)
-            out.append({"name": name, "domain": dom, "threshold": t, "value": m[key], "passed": bool(ok(m[key], t))})
+            t, v = getattr(gates, name), getattr(m, key)
+            out.append(Gate(name, dom, t, v, bool(ok(v, t))))
     return out
 
 
@@ -240,32 +204,26 @@ def verify(cfg: VerifyConfig, progress=None, plan: VerifyPlan | None = None) -> 
     gates = gate_results(metrics, cfg.gates)
     fit = fit_checkpoint(qdir, cfg.vram_gib, cfg.context or None, kv_dtype=cfg.kv_dtype, checked=qckpt)
     if cfg.gates.require_fit:
-        gates.append({"name": "fits_vram_gib", "domain": f"context {fit.context}", "threshold": cfg.vram_gib,
-                      "value": fit.total_bytes / 2**30, "passed": bool(fit.fits)})
+        gates.append(Gate("fits_vram_gib", f"context {fit.context}", cfg.vram_gib, fit.total_bytes / 2**30,
+                          bool(fit.fits)))
     measure_ctx = cfg.measure_context or min(fit.context, 4096)
-    data = {
-        "passed": all(g["passed"] for g in gates),
-        "quantized": {"path": qdir.name, **_quant_summary(qckpt.config), "files_sha256": _files_sha(qdir)},
-        "baseline": {"path": bdir.name, "sha256": base.key},
-        "eval": {"source": cfg.eval if cfg.eval.startswith("bundled") else eval_file.name,
-                 "sha256": file_sha256(eval_file), "seqlen": int(windows.shape[1]),
-                 "tokens": {d: metrics[d]["tokens"] for d in metrics if d != "all"}},
-        "metrics": metrics, "gates": gates,
-        "vram": {"analytic": fit.to_dict(), "vllm": _vllm_fit(qckpt, cfg),
-                 "measured": _measured(model, qdir, qckpt, cfg, measure_ctx, device),
-                 "verify": own},
-        "versions": versions(),
-        "backend": {"kernel": _kernel(model), "device": str(device)},
-    }
+    report = VerifyReport(
+        passed=all(g.passed for g in gates),
+        quantized=QuantizedModel(qdir.name, **_quant_summary(qckpt.config), files_sha256=_files_sha(qdir)),
+        baseline=Baseline(bdir.name, base.key),
+        eval=EvalSet(cfg.eval if cfg.eval.startswith("bundled") else eval_file.name, file_sha256(eval_file),
+                     int(windows.shape[1]), {d: metrics[d].tokens for d in metrics if d != "all"}),
+        metrics=metrics, gates=tuple(gates),
+        vram=Vram(fit.to_dict(), _vllm_fit(qckpt, cfg), _measured(model, qdir, qckpt, cfg, measure_ctx, device), own),
+        versions=versions(), backend=Backend(_kernel(model), str(device)))
     out = Path(cfg.report_dir) if cfg.report_dir else qdir
     out.mkdir(parents=True, exist_ok=True)
     # verify's own measured peaks change run to run: printed (summary, --json), kept out of the deterministic file
     stable = {k: v for k, v in own.items() if k in ("what", "expected_added_bytes", "expected_terms", "expected_phases_bytes",
                                                         "windows", "seqlen")}
-    stored = {**data, "vram": {**data["vram"], "verify": stable}}
-    write_json(out / "verify.json", stored)
-    files = (out / "verify.json", *write_report(stored, out))
-    return VerifyReport(data, files)
+    stored = replace(report, vram=replace(report.vram, verify=stable))
+    write_json(out / "verify.json", stored.to_json())
+    return replace(report, files=(out / "verify.json", *write_report(stored, out)))
 
 
 def _measured(model, qdir: Path, qckpt, cfg: VerifyConfig, context: int, device: torch.device) -> dict | None:

@@ -40,4 +40,4 @@ def test_top1_agreement_and_perplexity_by_hand():
     tgt = torch.tensor([math.log(0.5), math.log(0.25)])
     assert abs(perplexity(tgt) - math.sqrt(8)) < 1e-6  # fp32 log-probs; exp(-(ln .5 + ln .25)/2) = 2**1.5
     m = summarize(tgt, tgt + math.log(0.5), torch.zeros(2), torch.ones(2))
-    assert abs(m["ppl_increase_pct"] - 100.0) < 1e-4 and m["tokens"] == 2 and m["top1_agreement"] == 1.0
+    assert abs(m.ppl_increase_pct - 100.0) < 1e-4 and m.tokens == 2 and m.top1_agreement == 1.0

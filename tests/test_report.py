@@ -1,4 +1,5 @@
-"""report.py: report.md and the two PNGs from a `verify` dict: content, validity, and byte determinism."""
+"""report.py: report.md and the two PNGs from a `verify` report: content, validity, and byte determinism.
+The reports are written as verify.json dicts (VerifyReport.to_json) and read back with VerifyReport.from_json."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from inf_quant.errors import InfQuantError
 from inf_quant.report import PPL_PNG, VRAM_PNG, diff_pct, ordered_domains, signed_pct, write_report
+from inf_quant.verify_report import VerifyReport
 
 GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -46,7 +48,7 @@ def passing_report() -> dict:
     return {
         "passed": True,
         "quantized": {"path": "/data/out/INF-34B-Chat-gptq-w4g128", "quant_method": "gptq", "bits": 4,
-                      "group_size": 128,
+                      "group_size": 128, "layout": "inflm",
                       "files_sha256": {"model-00002-of-00004.safetensors": "b" * 64,
                                        "model-00001-of-00004.safetensors": "a1" * 32,
                                        "config.json": "0123456789abcdef" * 4}},
@@ -89,12 +91,12 @@ def failing_report() -> dict:
 
 
 def _render(report: dict, out: Path) -> dict[str, bytes]:
-    paths = write_report(report, out)
+    paths = write_report(VerifyReport.from_json(report), out)
     return {p.name: p.read_bytes() for p in paths}
 
 
 def test_writes_three_files_in_order(tmp_path):
-    paths = write_report(passing_report(), tmp_path / "new" / "dir")
+    paths = write_report(VerifyReport.from_json(passing_report()), tmp_path / "new" / "dir")
     assert [p.name for p in paths] == ["report.md", PPL_PNG, VRAM_PNG]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
 
@@ -103,7 +105,7 @@ def test_writes_three_files_in_order(tmp_path):
 def test_pngs_are_valid_and_sized(tmp_path, make):
     from matplotlib.image import imread
 
-    write_report(make(), tmp_path)
+    write_report(VerifyReport.from_json(make()), tmp_path)
     for png, (h, w) in ((PPL_PNG, (450, 800)), (VRAM_PNG, (400, 900))):
         path = tmp_path / png
         assert path.read_bytes()[:8] == PNG_SIGNATURE
@@ -113,7 +115,7 @@ def test_pngs_are_valid_and_sized(tmp_path, make):
 
 
 def test_markdown_pass(tmp_path):
-    write_report(passing_report(), tmp_path)
+    write_report(VerifyReport.from_json(passing_report()), tmp_path)
     md = (tmp_path / "report.md").read_text("utf-8")
     assert md.startswith("# INF-34B-Chat-gptq-w4g128: ✅ PASS\n")
     assert "All 15 gates passed." in md and "❌" not in md
@@ -126,7 +128,7 @@ def test_markdown_pass(tmp_path):
 
 
 def test_markdown_fail_lists_failing_gates_first(tmp_path):
-    write_report(failing_report(), tmp_path)
+    write_report(VerifyReport.from_json(failing_report()), tmp_path)
     md = (tmp_path / "report.md").read_text("utf-8")
     assert md.startswith("# INF-34B-Chat-awq-w4g128: ❌ FAIL\n")
     assert "**2 of 12 gates failed**" in md
@@ -142,7 +144,7 @@ def test_markdown_fail_lists_failing_gates_first(tmp_path):
 
 
 def test_markdown_vram_breakdown_and_measured(tmp_path):
-    write_report(passing_report(), tmp_path)
+    write_report(VerifyReport.from_json(passing_report()), tmp_path)
     md = (tmp_path / "report.md").read_text("utf-8")
     assert "| weights | 17.00 | 73.3 % |" in md
     assert "| KV cache at context 32,768 | 3.75 | 16.2 % |" in md
@@ -154,14 +156,14 @@ def test_markdown_vram_breakdown_and_measured(tmp_path):
 
 
 def test_markdown_measured_absent(tmp_path):
-    write_report(failing_report(), tmp_path)
+    write_report(VerifyReport.from_json(failing_report()), tmp_path)
     md = (tmp_path / "report.md").read_text("utf-8")
     assert "**Measured:** not measured in this run" in md
     assert "peak allocated" not in md
 
 
 def test_markdown_inputs_are_shortened_and_sorted(tmp_path):
-    write_report(passing_report(), tmp_path)
+    write_report(VerifyReport.from_json(passing_report()), tmp_path)
     md = (tmp_path / "report.md").read_text("utf-8")
     inputs = md.split("## Inputs")[1].split("##")[0]
     assert "`fefefefefefe…`" in inputs and "fe" * 13 not in inputs
@@ -171,10 +173,10 @@ def test_markdown_inputs_are_shortened_and_sorted(tmp_path):
 
 
 def test_report_is_not_modified(tmp_path):
-    r = failing_report()
-    before = copy.deepcopy(r)
+    r = VerifyReport.from_json(failing_report())
+    before = copy.deepcopy(r.to_json())
     write_report(r, tmp_path)
-    assert r == before
+    assert r.to_json() == before
 
 
 def test_helpers():
@@ -194,7 +196,8 @@ def test_deterministic_across_processes(tmp_path):
     report = passing_report()
     (tmp_path / "verify.json").write_text(json.dumps(report))
     code = ("import json, sys; from pathlib import Path; from inf_quant.report import write_report; "
-            "write_report(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))")
+            "from inf_quant.verify_report import VerifyReport; "
+            "write_report(VerifyReport.read(Path(sys.argv[1])), Path(sys.argv[2]))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "pdf"}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "verify.json"), str(tmp_path / "sub")],
                        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -218,7 +221,7 @@ def test_pngs_differ_when_data_differs(tmp_path):
 def test_missing_matplotlib_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # makes `import matplotlib` raise ImportError
     with pytest.raises(InfQuantError, match=r"needs matplotlib.*pip install 'matplotlib>=3.7'"):
-        write_report(passing_report(), tmp_path)
+        write_report(VerifyReport.from_json(passing_report()), tmp_path)
 
 
 def test_import_has_no_matplotlib_side_effects():
@@ -234,3 +237,19 @@ def test_import_has_no_matplotlib_side_effects():
 def test_percentages_that_round_to_zero_are_never_negative_zero():
     assert signed_pct(-0.04, 1) == "+0.0 %" and signed_pct(-0.004, 2) == "+0.00 %"
     assert signed_pct(-0.06, 1) == "-0.1 %" and signed_pct(2.345, 2) == "+2.35 %" and signed_pct(0.0, 1) == "+0.0 %"
+
+
+def test_verify_json_is_the_report_as_data(tmp_path):
+    """VerifyReport.to_json() is what verify writes to verify.json, and from_json gives back the same report; a
+    file that is not one is a ConfigError naming it."""
+    from inf_quant.errors import ConfigError
+
+    d = passing_report()
+    d["vram"] = {**d["vram"], "vllm": None, "verify": None}   # verify writes all four parts
+    r = VerifyReport.from_json(d)
+    assert json.dumps(r.to_json(), sort_keys=True) == json.dumps(d, sort_keys=True)
+    assert VerifyReport.from_json(r.to_json()) == r
+    assert r.gates[0].name == "max_ppl_increase_pct" and r.metrics["en"].tokens == 16_384
+    (tmp_path / "verify.json").write_text(json.dumps({**d, "gates": [{"name": "max_kl"}]}))
+    with pytest.raises(ConfigError, match=r"verify.json: not a verify.json of this inf-quant version"):
+        VerifyReport.read(tmp_path / "verify.json")

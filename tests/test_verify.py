@@ -11,6 +11,7 @@ import inf_quant  # noqa: F401
 from helpers import cli
 from inf_quant.baseline import baseline_stats, streamed_logprobs
 from inf_quant.load import open_checkpoint
+from inf_quant.verify_report import VerifyReport
 from tiny import build_tiny_checkpoint
 from tolerances import STREAMED_VS_FULL_LOGP_ATOL
 
@@ -75,6 +76,9 @@ def test_verify_writes_report_and_gates_decide_exit_code(tiny_pair, capsys):
     assert (out / "verify.json").is_file() and (out / "report.md").is_file() and (out / "vram.png").is_file()
     assert data["vram"]["analytic"]["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2  # layers*kv_heads*head_dim*K,V*fp16
     assert data["versions"]["gptqmodel"] and data["backend"]["kernel"] != "none"
+    stored = json.loads((out / "verify.json").read_text())   # verify.json is the report's to_json(), read back whole
+    again = json.dumps(VerifyReport.read(out / "verify.json").to_json(), indent=2, sort_keys=True, ensure_ascii=False)
+    assert again + "\n" == (out / "verify.json").read_text() and stored["metrics"] == data["metrics"]
     code, _, err = _verify(capsys, out, base, "--max-kl", "0", "--min-top1-agreement", "0")
     assert code == 1
 
