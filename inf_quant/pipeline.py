@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -34,7 +33,6 @@ from .forward import forward_all
 from .gptq_block import gptq_block, set_weight
 from .hashing import files_sha256
 from .head import HEAD, quantize_head
-from .layermap import LayerMap
 from .layout import check_layout
 from .load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
 from .lock import output_lock
