@@ -12,6 +12,14 @@ MIN_SEQLEN = 16  # tokens per calibration/eval window: below this a window says 
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch's Generator takes it too
 
 
+def check_bits(what: str, bits: int, allowed: tuple[int, ...], why: str) -> None:
+    """The one bit-width rule, for every place that takes a width: `what` must be one of `allowed`, for the
+    reason `why` (the grid's uint8 codes, the int32 packing, a format, what a loader takes)."""
+    if bits not in allowed:
+        words = ", ".join(map(str, allowed[:-1])) + " or " if len(allowed) > 1 else ""
+        raise ConfigError(f"{what} must be {words}{allowed[-1]} ({why}), got {bits!r}")
+
+
 def _check_group_size(section: str, group_size: int) -> None:
     if group_size != -1 and (group_size < 8 or group_size % 8):
         raise ConfigError(f"{section}.group_size must be -1 (per-channel) or a positive multiple of 8, got {group_size}")
@@ -62,9 +70,7 @@ class GPTQConfig:
     smooth: Smooth = Smooth.NONE  # awq: the AWQ scale search (recipe's awq: search keys) folded in before the solve
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise ConfigError(f"gptq.bits must be 4 or 8 (the bit widths Marlin/vLLM and gptqmodel load), "
-                              f"got {self.bits}")
+        check_bits("gptq.bits", self.bits, (4, 8), "the bit widths Marlin/vLLM and gptqmodel load")
         _check_group_size("gptq", self.group_size)
         if not 0 < self.damp < 1:
             raise ConfigError(f"gptq.damp must be in (0, 1), got {self.damp}")
@@ -114,8 +120,7 @@ class AWQConfig:
         return replace(solve, bits=self.bits, group_size=self.group_size, sym=False)
 
     def __post_init__(self):
-        if self.bits != 4:
-            raise ConfigError(f"awq.bits must be 4 (the AWQ gemm format), got {self.bits}")
+        check_bits("awq.bits", self.bits, (4,), "the AWQ gemm format")
         _check_group_size("awq", self.group_size)
         if not self.zero_point:
             raise ConfigError("awq.zero_point must be true: the AWQ gemm format stores a zero point per group")

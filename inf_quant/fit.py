@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .checkpoint import CheckedCheckpoint, check_checkpoint
-from .config import VerifyConfig
+from .config import VerifyConfig, check_bits
 from .errors import CheckpointError, ConfigError
 from .layermap import LAYER_MAPS
 from .load import Checkpoint
@@ -237,8 +237,7 @@ def quant_spec(config: dict) -> tuple[str, int | None]:
         raise ConfigError(f"quantization_config.quant_method={method!r} is not supported; "
                           f"fit models {', '.join(SUPPORTED_QUANT)} checkpoints or unquantized ones")
     bits = qc.get("bits")
-    if bits not in (2, 3, 4, 8):
-        raise ConfigError(f"quantization_config.bits={bits!r} for {method}; expected 2, 3, 4 or 8")
+    check_bits(f"{method} quantization_config.bits", bits, (2, 3, 4, 8), "the widths fit can size")
     return f"{method} {bits}-bit g{qc.get('group_size')}", bits
 
 

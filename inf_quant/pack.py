@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .config import check_bits
 from .errors import CheckpointError, ConfigError, NumericalError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)          # field f of an AWQ word holds column AWQ_ORDER[f]
@@ -45,8 +46,7 @@ FP16_MAX = 65504.0
 
 
 def _per_word(bits: int) -> int:
-    if bits not in (2, 4, 8):
-        raise ConfigError(f"packing supports bits 2, 4 or 8 (whole fields per int32), got {bits}")
+    check_bits("packing bits", bits, (2, 4, 8), "whole fields per int32")
     return 32 // bits
 
 

@@ -215,6 +215,9 @@ def test_errors(tmp_path):
         fit_from_shapes(dict(INF34B, quantization_config={"quant_method": "bitsandbytes"}), GB)
     with pytest.raises(ConfigError, match="hidden_size=None"):
         fit_from_shapes({k: v for k, v in INF34B.items() if k != "hidden_size"}, GB)
+    with pytest.raises(ConfigError, match=r"awq quantization_config.bits must be 2, 3, 4 or 8 \(the widths fit can "
+                                          r"size\), got 5"):
+        fit_from_shapes(dict(INF34B, quantization_config={"quant_method": "awq", "bits": 5}), GB)
     stale = write_sparse_checkpoint(tmp_path / "stale", dict(INF34B, quantization_config={
         "quant_method": "gptq", "bits": 4, "group_size": 128}), {"lm_head.weight": ("BF16", [V, D])}, shards=1)
     with pytest.raises(CheckpointError, match="no tensor ends in '.qweight'"):

@@ -75,3 +75,10 @@ def test_rtn_does_not_modify_input():
     before = w.clone()
     rtn_quantize(w, 4, 32, False)
     assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("bits", [0, 9])
+def test_bits_outside_uint8_codes_are_refused(bits):
+    with pytest.raises(ConfigError, match=rf"bits must be 1, 2, 3, 4, 5, 6, 7 or 8 \(codes are stored as uint8\), "
+                                          rf"got {bits}"):
+        qparams(torch.ones(2, 8), bits, True)

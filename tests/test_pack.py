@@ -143,7 +143,7 @@ def test_shape_errors():
         pack_gptq(codes[:, :32] % 4, zero % 4, 2)
     with pytest.raises(ConfigError, match="AWQ gemm .* out_features must be a multiple of 8, got 12"):
         pack_awq(codes[:12], zero[:12])
-    with pytest.raises(ConfigError, match="bits 2, 4 or 8"):
+    with pytest.raises(ConfigError, match=r"packing bits must be 2, 4 or 8 \(whole fields per int32\), got 3"):
         pack_gptq(codes % 8, zero % 8, 3)
     with pytest.raises(ConfigError, match=r"codes must be in \[0, 4\) for bits=2, got \[0, 15\]"):
         pack_gptq(codes[:16, :32], zero[:16] % 4, 2)
