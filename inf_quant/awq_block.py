@@ -44,6 +44,7 @@ from .config import Method, WeightSolve
 from .context import BlockResult, Context
 from .forward import run_block
 from .gptq_block import keep_bf16, solve_layer
+from .layermap import head_dim
 from .qformat import from_tensors, to_tensors
 from .quant.awq import (apply_clip, awq_quantize, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
                         scale_linear_inputs, search_clip, search_scale)
@@ -158,13 +159,13 @@ def _search_and_fold(ctx: Context, block: nn.Module, i: int, hidden: torch.Tenso
     sym, else AWQ's) and folded. Returns (each group's input as its scaled weights now see it [n, T, K], notes,
     the chosen scale per group: label -> (form, alpha), or ("none", 0.0) where no scale could be folded)."""
     prefix, groups, batch = ctx.lmap.block_prefix(i), ctx.lmap.groups, ctx.recipe.run.forward_batch
-    head_dim = getattr(ctx.config, "head_dim", None) or ctx.config.hidden_size // ctx.config.num_attention_heads
+    hd = head_dim(ctx.ckpt.config)
     idx = search_samples(hidden.shape[0], hidden.shape[1], cfg.search_tokens).to(hidden.device)
     xs, kwargs = capture_group_inputs(block, groups, hidden[idx], rope, batch)   # [n, T, K] per group
     notes: list[str] = []
     scales = {}
     for gi, group in enumerate(groups):
-        xs[gi], res = _fold_(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, head_dim, notes, sym)
+        xs[gi], res = _fold_(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, hd, notes, sym)
         scales[group_label(group)] = (res.form, res.alpha) if res else ("none", 0.0)
     return xs, notes, scales
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from .checkpoint import CheckedCheckpoint, check_checkpoint
 from .config import VerifyConfig, check_bits
 from .errors import CheckpointError, ConfigError
-from .layermap import LAYER_MAPS
+from .layermap import LAYER_MAPS, head_dim
 from .load import Checkpoint
 from .memory import expected_verify_peak
 
@@ -248,14 +248,10 @@ def _config_int(config: dict, key: str) -> int:
     return value
 
 
-def _head_dim(config: dict) -> int:
-    return config.get("head_dim") or _config_int(config, "hidden_size") // _config_int(config, "num_attention_heads")
-
-
 def _largest_linear_from_config(config: dict) -> int:
     """Elements N * K of the largest Llama-shaped block Linear (q/o: D x heads*head_dim, MLP: D x I)."""
-    heads_out = _config_int(config, "num_attention_heads") * _head_dim(config)
-    return _config_int(config, "hidden_size") * max(heads_out, _config_int(config, "intermediate_size"))
+    d, heads = _config_int(config, "hidden_size"), _config_int(config, "num_attention_heads")
+    return d * max(heads * head_dim(config), _config_int(config, "intermediate_size"))
 
 
 def memory_model(config: dict, weights_bytes: int, dequant_bytes: int, batch: int = 1,
@@ -271,7 +267,7 @@ def memory_model(config: dict, weights_bytes: int, dequant_bytes: int, batch: in
     return MemoryModel(
         num_layers=_config_int(config, "num_hidden_layers"), hidden_size=_config_int(config, "hidden_size"),
         intermediate_size=_config_int(config, "intermediate_size"),
-        num_kv_heads=config.get("num_key_value_heads") or heads, head_dim=_head_dim(config),
+        num_kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim(config),
         vocab_size=_config_int(config, "vocab_size"),
         max_position_embeddings=_config_int(config, "max_position_embeddings"),
         weights_bytes=weights_bytes, dequant_bytes=dequant_bytes, kv_dtype_bytes=KV_DTYPE_BYTES[kv_dtype],

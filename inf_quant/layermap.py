@@ -132,13 +132,18 @@ def config_value(config: dict, key: str):
     return v
 
 
+def head_dim(config: dict) -> int:
+    """The width of one attention head, from config.json: its head_dim, else hidden_size / num_attention_heads
+    (what transformers derives when head_dim is absent or null). The one place it is derived."""
+    return int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+
+
 def config_dims(config: dict) -> dict[str, int]:
-    """The named dimensions of LayerMap.shapes, from config.json (head_dim defaults to hidden / heads)."""
+    """The named dimensions of LayerMap.shapes, from config.json."""
     try:
-        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        return {"hidden": hidden, "ffn": int(config["intermediate_size"]), "q": heads * head_dim,
-                "kv": int(config.get("num_key_value_heads") or heads) * head_dim, "vocab": int(config["vocab_size"]),
+        heads, hd = int(config["num_attention_heads"]), head_dim(config)
+        return {"hidden": int(config["hidden_size"]), "ffn": int(config["intermediate_size"]), "q": heads * hd,
+                "kv": int(config.get("num_key_value_heads") or heads) * hd, "vocab": int(config["vocab_size"]),
                 "layers": int(config["num_hidden_layers"])}
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"config.json lacks or mangles {e} (hidden_size, intermediate_size, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .config import Layout
 from .errors import CheckpointError, ConfigError
+from .layermap import head_dim
 
 # StableLM settings under which it computes INF-34B's function (transformers' defaults: 0.25, False, False, False)
 STABLELM_SETTINGS = {"partial_rotary_factor": 1.0, "use_qkv_bias": False, "qk_layernorm": False,
@@ -46,7 +47,7 @@ def stablelm_config(cfg: dict, where: str) -> dict:
     """config.json of the stablelm layout from an inflm one; refuses settings StableLM cannot express."""
     heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
     problems = []
-    if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
+    if head_dim(cfg) != hidden // heads or hidden % heads:
         problems.append(f"head_dim={cfg.get('head_dim')} != hidden_size/num_attention_heads (StableLM derives it)")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):

@@ -449,8 +449,9 @@ def test_awq_block_skips_q_k_clip_and_reports_scales(monkeypatch):
     monkeypatch.setattr(block_mod, "search_clip", spy)
     rtn = AWQConfig(group_size=16, solve=WeightSolve.RTN)  # the clip search belongs to AutoAWQ's rounding
     ctx = SimpleNamespace(recipe=SimpleNamespace(awq=rtn, run=SimpleNamespace(forward_batch=2)),
-                          lmap=LAYER_MAPS["llama"], config=block.self_attn.config,
-                          ckpt=SimpleNamespace(dtype=lambda _: torch.float32), skip=frozenset())
+                          lmap=LAYER_MAPS["llama"],
+                          ckpt=SimpleNamespace(dtype=lambda _: torch.float32, config=block.self_attn.config.to_dict()),
+                          skip=frozenset())
     done = block_mod.awq_block(ctx, block, 0, hidden, rope)
     losses, notes, scales = done.losses, done.notes, done.scales
     names = LAYER_MAPS["llama"].linears

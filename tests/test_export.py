@@ -231,3 +231,15 @@ def test_settings_stablelm_cannot_express_are_refused_before_any_work(tmp_path, 
     code, _, err = cli("gptq", "--model", model, "--out", tmp_path / "o", "--serve-as", "stablelm", "--group-size", "32",
                        "-q", capsys=capsys)
     assert code == 2 and message in _one_error_line(err) and not (tmp_path / ".o.partial").exists()
+
+
+def test_a_head_dim_stablelm_cannot_derive_is_refused():
+    """StableLM derives head_dim as hidden_size / num_attention_heads: an explicit one equal to that is carried
+    over, any other is refused by name (layermap.head_dim is the one derivation)."""
+    from inf_quant.errors import ConfigError
+    from inf_quant.layout import stablelm_config
+
+    cfg = {"model_type": "inflm", "hidden_size": 64, "num_attention_heads": 8, "rope_theta": 10000.0}
+    assert stablelm_config({**cfg, "head_dim": 8}, "m")["model_type"] == "stablelm"
+    with pytest.raises(ConfigError, match="cannot be expressed as StableLM: head_dim=16 != hidden_size/num_attention"):
+        stablelm_config({**cfg, "head_dim": 16}, "m")
