@@ -149,7 +149,7 @@ def verify_peak(model: Path, quant: Path, a) -> dict:
     rep = verify(VerifyConfig(quantized=str(quant), baseline=str(model), eval="bundled", seqlen=a.verify_seqlen,
                               max_windows=8, device=Device(a.device), cache_dir=str(a.out / "cache"),
                               report_dir=str(a.out / "verify")))
-    own = rep.data["vram"]["verify"]
+    own = rep.vram.verify
     cfg = json.loads((model / "config.json").read_text())
     heads = 2 * 8192 * a.hidden * 2                          # the probe's fp16 embedding + lm_head (8192 vocab)
     weights_48 = (checkpoint_bytes(quant)[1] - heads) / a.layers * 48 + 2 * 96512 * a.hidden * 2
