@@ -82,18 +82,17 @@ def ensure_smollm2(cache: Path | None = None) -> Path:
 
 
 def eval_windows(model_dir: Path, seqlen: int, n: int):
-    """n evenly spaced non-overlapping windows of the bundled eval set (never used for calibration), tokenized
-    with the checkpoint's tokenizer, documents joined by EOS: [n, seqlen] int64."""
+    """n evenly spaced windows of the bundled eval set (never used for calibration), cut by verify's own
+    calibrate.eval_windows (documents joined by EOS, non-overlapping) with the checkpoint's tokenizer: [n, seqlen]
+    int64. The pick truncates the spacing where verify.domain_windows rounds it: kept, so the recorded results
+    reproduce."""
     import torch
     from transformers import AutoTokenizer
 
-    from inf_quant.calibrate import read_records, resolve_text_file
+    from inf_quant.calibrate import eval_windows as cut, read_records, resolve_text_file
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids: list[int] = []
-    for r in read_records(resolve_text_file("bundled-eval")):
-        ids += tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    w = torch.tensor(ids[: len(ids) // seqlen * seqlen]).reshape(-1, seqlen)
+    texts = [r["text"] for r in read_records(resolve_text_file("bundled-eval"))]
+    w = cut(AutoTokenizer.from_pretrained(model_dir), texts, seqlen)
     return w[torch.linspace(0, len(w) - 1, min(n, len(w))).long()]
 
 
