@@ -80,9 +80,8 @@ class GPTQConfig:
             raise ConfigError("gptq.static_groups only applies with order: act")
         if self.clip_steps < 0 or not 0 <= self.clip_max_shrink < 1 or self.clip_norm <= 0:
             raise ConfigError("gptq: clip_steps must be >= 0, clip_max_shrink in [0, 1), clip_norm > 0")
-        if self.smooth is Smooth.AWQ and self.bits != 4:
-            raise ConfigError(f"gptq.smooth: awq (--smooth awq) is for 4-bit; got bits {self.bits} (8-bit GPTQ "
-                              f"loses ~0 already)")
+        if self.smooth is Smooth.AWQ:
+            check_bits("gptq.bits with smooth: awq (--smooth awq)", self.bits, (4,), "8-bit GPTQ loses ~0 already")
 
 
 class ScaleForms(Enum):
