@@ -117,10 +117,10 @@ def check_config(config: dict, path: Path) -> None:
     for key in ("model_type", "hidden_act"):
         if not isinstance(config.get(key, ""), str):
             raise bad(key, "a string (e.g. " + ("'inflm')" if key == "model_type" else "'silu')"))
-    heads, kv, head_dim = (config.get(k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    heads, kv, given_head_dim = (config.get(k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
     if kv is not None and heads % kv:
         raise bad("num_key_value_heads", f"a divisor of num_attention_heads={heads}")
-    if head_dim is None and config["hidden_size"] % heads:
+    if given_head_dim is None and config["hidden_size"] % heads:
         raise bad("hidden_size", f"divisible by num_attention_heads={heads} (or give head_dim)")
 
 
