@@ -331,7 +331,8 @@ class QuantizeReport:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def publish(ctx: Context, work: WorkDir, results: list[LayerResult], seconds: float, peak: PeakMemory) -> QuantizeReport:
+def publish(ctx: Context, work: WorkDir, results: list[LayerResult], seconds: float,
+            peak: PeakMemory) -> QuantizeReport:
     staging = work.path / "out"
     if staging.exists():
         shutil.rmtree(staging)

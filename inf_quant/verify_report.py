@@ -115,7 +115,8 @@ class VerifyReport:
     def to_text(self) -> str:
         """The summary `inf-quant verify` prints: verdict, a table per domain, failed gates, VRAM, the files."""
         lines = [f"{'PASS' if self.passed else 'FAIL'}: {self.quantized.path}"]
-        lines.append(f"{'domain':<6} {'tokens':>7} {'ppl bf16':>9} {'ppl quant':>9} {'delta %':>8} {'KL':>8} {'top-1':>6}")
+        lines.append(f"{'domain':<6} {'tokens':>7} {'ppl bf16':>9} {'ppl quant':>9} {'delta %':>8} {'KL':>8} "
+                     f"{'top-1':>6}")
         for dom, m in self.metrics.items():
             lines.append(f"{dom:<6} {m.tokens:>7} {m.ppl_baseline:>9.3f} {m.ppl_quantized:>9.3f} "
                          f"{signed_pct(m.ppl_increase_pct, 2).removesuffix(' %'):>8} {m.kl_mean:>8.4f} "
@@ -137,7 +138,7 @@ class VerifyReport:
         m = self.vram.measured
         if m:
             lines.append(f"measured on {m['device']} at context {m['context']}: peak allocated "
-                         f"{m['peak_allocated_bytes'] / GIB:.2f} GiB, reserved {m['peak_reserved_bytes'] / GIB:.2f} GiB")
+                         f"{gib(m['peak_allocated_bytes'])} GiB, reserved {gib(m['peak_reserved_bytes'])} GiB")
         lines.append("report: " + ", ".join(str(f) for f in self.files))
         return "\n".join(lines)
 

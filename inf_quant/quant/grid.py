@@ -19,6 +19,7 @@ from ..config import check_bits, resolve_group_size
 
 CODE_BITS = tuple(range(1, 9))  # the widths the grid computes: codes are stored as uint8
 
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     """One quantized Linear weight, in the layout GPTQ and AWQ checkpoints start from (see pack.py)."""
@@ -43,6 +44,10 @@ class QuantizedWeight:
                                        self.bits, float(loss.sum()) if loss is not None else 0.0, self.damp, loss))
             r += n
         return out
+
+
+def _check_code_bits(bits: int) -> None:
+    check_bits("bits", bits, CODE_BITS, "codes are stored as uint8")
 
 
 def _range(w: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
@@ -77,7 +82,7 @@ def qparams(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     Symmetric: zero = 2**(bits-1) and the range is [-amax, amax] with amax = max |w|.
     An all-zero row gets the range [-1, 1] (as in the GPTQ reference), so scale is never 0.
     """
-    check_bits("bits", bits, CODE_BITS, "codes are stored as uint8")
+    _check_code_bits(bits)
     return _params_of_range(*_range(w, sym), bits, sym)
 
 
@@ -93,7 +98,7 @@ def search_qparams(w: Tensor, bits: int, sym: bool, steps: int, max_shrink: floa
     p = 1 is always a candidate and wins ties, so steps = 0 (or max_shrink = 0) is exactly `qparams`.
     Cost: (steps + 1) quantize/dequantize passes over w; extra memory 2 x w.
     """
-    check_bits("bits", bits, CODE_BITS, "codes are stored as uint8")
+    _check_code_bits(bits)
     xmin, xmax = _range(w, sym)
     scale, zero = _params_of_range(xmin, xmax, bits, sym)
     if steps == 0 or max_shrink == 0:
@@ -127,7 +132,7 @@ def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     zero:   [N] int32 (one per row) or broadcastable to w
     return: same shape as w, uint8 in [0, 2**bits)
     """
-    check_bits("bits", bits, CODE_BITS, "codes are stored as uint8")
+    _check_code_bits(bits)
     scale, zero = _per_row(scale, w), _per_row(zero, w)
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1).to(torch.uint8)
 
