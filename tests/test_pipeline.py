@@ -85,12 +85,6 @@ def test_output_is_standard_awq_gemm(quantized):
                  "modules_to_not_convert": ["lm_head"]}
     assert not (out / "quantize_config.json").exists()
     tensors = _tensors(out)
-    smoothed = json.loads((out / "inf_quant.json").read_text())["recipe"]["gptq"]["smooth"] == "awq"
-    src = _tensors(model)   # a smoothed output's norms carry the scales; otherwise they are copied unchanged
-    for n in ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight"):
-        if f"model.layers.1.{n}" in src:  # RMSNorm: no bias
-            a, b = src[f"model.layers.1.{n}"][:], tensors[f"model.layers.1.{n}"][:]
-            assert a.dtype == b.dtype and torch.equal(a, b) != smoothed, n
     p = "model.layers.1.mlp.down_proj."  # K = 192, N = 64, G = 32
     assert tensors[p + "qweight"].get_shape() == [192, 64 // 8] and tensors[p + "qweight"].get_dtype() == "I32"
     assert tensors[p + "qzeros"].get_shape() == [6, 64 // 8] and tensors[p + "qzeros"].get_dtype() == "I32"
