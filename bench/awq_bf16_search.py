@@ -33,7 +33,8 @@ def main() -> None:
     from smollm2 import ensure_smollm2
 
     from inf_quant.awq_block import capture_group_inputs
-    from inf_quant.config import AWQConfig, CalibConfig, DType, Method, ModelConfig, OutputConfig, Recipe, RunConfig
+    from inf_quant.core.config import (AWQConfig, CalibConfig, DType, Method, ModelConfig, OutputConfig, Recipe,
+                                       RunConfig)
     from inf_quant.forward import forward_all
     from inf_quant.load import embed_ids, load_block, rotary, skeleton
     from inf_quant.pipeline import prepare

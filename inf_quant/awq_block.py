@@ -40,8 +40,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .config import Method, WeightSolve
 from .context import BlockResult, Context
+from .core.config import Method, WeightSolve
 from .forward import run_block
 from .gptq_block import keep_bf16, solve_layer
 from .layermap import head_dim

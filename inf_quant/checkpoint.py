@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from .core.errors import CheckpointError
+from .core.paths import resolved
 from .layermap import LayerMap, check_config, expected_tensors, layer_map_for
-from .paths import resolved
 from .shards import Tensor, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"

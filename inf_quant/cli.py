@@ -104,7 +104,7 @@ def _verify(args) -> int:
 
 
 def _fit(args) -> int:
-    from .errors import ConfigError
+    from .core.errors import ConfigError
 
     if args.engine == "transformers":
         from .fit import fit_checkpoint
@@ -125,8 +125,8 @@ def _fit(args) -> int:
 
 
 def _release(args) -> int:
-    from .config import Layout
-    from .errors import ConfigError
+    from .core.config import Layout
+    from .core.errors import ConfigError
     from .release import check, release
 
     if args.check:
@@ -149,7 +149,7 @@ def _export(args) -> int:
 
     preflight.for_export(args.src, args.out, args.force)
 
-    from .config import Layout
+    from .core.config import Layout
     from .export import export_layout
 
     report = export_layout(args.src, args.out, Layout(args.layout), args.force)
@@ -181,7 +181,7 @@ def _oom_advice(args) -> str:
 
 
 def _run(args, argv) -> int:
-    from .errors import InfQuantError, Terminated, is_oom
+    from .core.errors import InfQuantError, Terminated, is_oom
 
     try:
         return COMMANDS[args.command](args)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import Recipe
+from .core.config import Recipe
 from .layermap import LayerMap
 from .load import Checkpoint
 

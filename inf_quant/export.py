@@ -16,8 +16,8 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckedCheckpoint
-from .config import Layout
-from .errors import CheckpointError, ConfigError
+from .core.config import Layout
+from .core.errors import CheckpointError, ConfigError
 from .fast_tokenizer import FAST_TOKENIZER_FILE
 from .layout import check_layout
 from .load import Checkpoint, open_checkpoint

@@ -29,7 +29,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from .core.errors import CheckpointError
 from .models.tokenization_inflm import PATTERN
 
 log = logging.getLogger(__name__)

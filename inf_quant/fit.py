@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .checkpoint import CheckedCheckpoint, check_checkpoint
-from .config import VerifyConfig, check_bits
-from .errors import CheckpointError, ConfigError
+from .core.config import VerifyConfig, check_bits
+from .core.errors import CheckpointError, ConfigError
 from .layermap import LAYER_MAPS, head_dim
 from .load import Checkpoint
 from .memory import expected_verify_peak

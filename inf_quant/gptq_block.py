@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import CudaPath, GPTQConfig, Method
 from .context import BlockResult, Context
+from .core.config import CudaPath, GPTQConfig, Method
 from .forward import capture_inputs, run_half, run_half_all
 from .layermap import LayerMap, LinearGroup
 from .qformat import from_tensors, to_tensors

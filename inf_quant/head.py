@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import GPTQConfig, Method
 from .context import Context
+from .core.config import GPTQConfig, Method
 from .load import Checkpoint, load_named
 from .qformat import from_tensors, to_tensors
 from .quant.gptq import gptq_quantize, hessian_add_, hessian_finish_

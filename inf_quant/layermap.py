@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .errors import CheckpointError
+from .core.errors import CheckpointError
 
 
 

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoint import PICKLES, CheckedCheckpoint, check_checkpoint
-from .config import Layout
-from .errors import CheckpointError
+from .core.config import Layout
+from .core.errors import CheckpointError
 from .layermap import LayerMap, layer_map_for
 from .layout import check_layout
 from .shards import DTYPES, Tensor, read_header

@@ -25,13 +25,13 @@ from torch import nn
 from . import output, preflight
 from .awq_block import awq_block, scale_summary, smooth_block
 from .calibrate import calibration_files, document_ids, sample_windows
-from .config import Method, Recipe, Smooth
 from .context import BlockResult, Context, LayerResult
+from .core.config import Method, Recipe, Smooth
+from .core.errors import CheckpointError, ConfigError
+from .core.hashing import files_sha256
 from .device import resolve_device
-from .errors import CheckpointError, ConfigError
 from .forward import forward_all
 from .gptq_block import gptq_block, set_weight
-from .hashing import files_sha256
 from .head import HEAD, quantize_head
 from .layout import check_layout
 from .load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import CheckedCheckpoint, check_checkpoint, check_tensors
-from .config import resolve_group_size
-from .errors import CheckpointError, ConfigError
+from .core.config import resolve_group_size
+from .core.errors import CheckpointError, ConfigError
+from .core.paths import default_out_dir, resolve_model_path
 from .layermap import LayerMap, layer_map_for
 from .outdir import check_disk, check_output, check_release_dir
-from .paths import default_out_dir, resolve_model_path
 
 
 def estimate_output_bytes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, bits: int,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import Method
-from .errors import NumericalError
+from .core.config import Method
+from .core.errors import NumericalError
 from .pack import (fp16_checked, pack_awq, pack_gptq, unpack_awq_qweight, unpack_awq_qzeros, unpack_gptq_qweight,
                    unpack_gptq_qzeros)
 from .quant.grid import QuantizedWeight

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Method
+from .core.config import Method
 from .load import hf_config, open_checkpoint
 from .qformat import SUFFIXES, from_tensors
 

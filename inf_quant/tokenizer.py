@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import CheckpointError
+from .core.errors import CheckpointError
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -20,17 +20,17 @@ import torch
 from . import __version__
 from .baseline import baseline_stats
 from .calibrate import eval_windows, read_records, resolve_text_file, token_stream
-from .config import Gates, VerifyConfig
+from .core.config import Gates, VerifyConfig
+from .core.errors import CheckpointError, ConfigError
+from .core.hashing import file_sha256
+from .core.paths import resolve_model_path
 from .device import resolve_device
-from .errors import CheckpointError, ConfigError
 from .fit import checkpoint_bytes, fit_checkpoint
 from .fit_vllm import VllmSettings, fit_checkpoint_vllm
-from .hashing import file_sha256
 from .layout import architecture
 from .load import open_checkpoint
 from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement
-from .paths import resolve_model_path
 from .preflight import VerifyPlan
 from .report import VERIFY_OUTPUTS, write_report
 from .tokenizer import load_tokenizer

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from inf_quant import awq_block as block_mod
 from inf_quant.awq_block import capture_group_inputs, module_output_loss, scale_summary, search_samples
-from inf_quant.config import AWQConfig, ScaleForms, WeightSolve
+from inf_quant.core.config import AWQConfig, ScaleForms, WeightSolve
+from inf_quant.core.errors import ConfigError, NumericalError
 from inf_quant.layermap import LAYER_MAPS
-from inf_quant.errors import ConfigError, NumericalError
 from inf_quant.quant import awq
 from inf_quant.quant.awq import (
     activation_stats, apply_clip, can_fold_into_linear, fold_scale_into_linear_outputs,
@@ -487,7 +487,7 @@ def test_the_awq_format_refuses_codes_whose_groups_are_not_i_over_g():
     """--solve gptq writes GPTQ codes in the AWQ gemm format, which has no g_idx: only g_idx = i // G may pass."""
     import torch
 
-    from inf_quant.config import Method
+    from inf_quant.core.config import Method
     from inf_quant.qformat import to_tensors
     from inf_quant.quant.grid import QuantizedWeight
 

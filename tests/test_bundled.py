@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import cli, run_clean
-from inf_quant.paths import DEFAULT_MODEL, REPO_ROOT
+from inf_quant.core.paths import DEFAULT_MODEL, REPO_ROOT
 from tolerances import BUNDLED_PPL_RTOL
 
 pytestmark = pytest.mark.slow  # the bundled model's layer-streamed perplexity and its quantized release's accuracy
@@ -39,9 +39,9 @@ def test_a_real_language_model_far_below_unigram():
     """Recompute the eval perplexity (bf16 weights, fp32 arithmetic, layer-streamed) and compare."""
     from inf_quant.baseline import streamed_logprobs
     from inf_quant.calibrate import eval_windows, read_records
+    from inf_quant.core.paths import EVAL
     from inf_quant.load import open_checkpoint
     from inf_quant.metrics import perplexity
-    from inf_quant.paths import EVAL
     from inf_quant.tokenizer import load_tokenizer
 
     seqlen = int(TRAINING["args"]["seqlen"])
@@ -115,7 +115,7 @@ def test_verify_fails_a_damaged_checkpoint_naming_the_gate(ci_release, tmp_path,
 
 def test_shipped_code_files_match_the_package():
     """The bundled checkpoint carries inf-quant's modeling/tokenizer files verbatim (they must not drift)."""
-    from inf_quant.paths import MODELING_DIR
+    from inf_quant.core.paths import MODELING_DIR
     from inf_quant.write import MODELING_FILES
 
     for name in MODELING_FILES:

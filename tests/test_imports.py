@@ -77,7 +77,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "inf_quant.pipeline" in graph["inf_quant.cli"]  # imported inside a function, `from .pipeline import`
-    assert "inf_quant.config" in graph["inf_quant.quant.gptq"]  # `from ..config import`
+    assert "inf_quant.core.config" in graph["inf_quant.quant.gptq"]  # `from ..core.config import`
     assert "inf_quant.preflight" in graph["inf_quant.pipeline"]  # `from . import output, preflight`
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import inf_quant  # noqa: F401
-from inf_quant.errors import CheckpointError
+from inf_quant.core.errors import CheckpointError
 from inf_quant.load import hf_config, load_block, load_named, open_checkpoint, skeleton
 from tiny import build_tiny_checkpoint
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import cli, run_clean, tree_hashes
-from inf_quant.config import AWQConfig, CalibConfig, GPTQConfig, Method, ModelConfig, Order, OutputConfig, Recipe
+from inf_quant.core.config import AWQConfig, CalibConfig, GPTQConfig, Method, ModelConfig, Order, OutputConfig, Recipe
 from inf_quant.pipeline import quantize
 from inf_quant.reference import load_dequantized
 from tiny import build_tiny_checkpoint
@@ -161,7 +161,7 @@ def _recipe(model, out, method="gptq", resume=False, **kw) -> Recipe:
 def test_unproven_cuda_paths_are_recipe_fields_in_one_spelling():
     """The opt-in CUDA paths are chosen in the recipe (recorded in the output and the resume fingerprint), never by
     the environment; their order does not change the recipe."""
-    from inf_quant.config import CudaPath, RunConfig, from_dict, to_dict
+    from inf_quant.core.config import CudaPath, RunConfig, from_dict, to_dict
 
     a = RunConfig(unproven_cuda=(CudaPath.GRAPH_COLUMNS, CudaPath.BF16_HESSIAN))
     b = from_dict(RunConfig, {"unproven_cuda": ["bf16-hessian", "graph-columns", "bf16-hessian"]}, "run")
@@ -289,8 +289,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path, inflm_ckpt, capsys, args, me
 def test_the_layer_halves_compose_to_the_whole_layer_exactly(tiny_ckpt):
     """gptq_block captures the MLP groups from the attention half's output instead of re-running attention;
     that is only the same math if the halves of LayerMap.halves are the layer, bit for bit."""
-    from inf_quant.load import hf_config, load_block, open_checkpoint, rotary, skeleton
     from inf_quant.forward import run_block, run_half
+    from inf_quant.load import hf_config, load_block, open_checkpoint, rotary, skeleton
 
     ck = open_checkpoint(tiny_ckpt)
     cfg = hf_config(ck)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from inf_quant.config import CalibConfig, Device, GPTQConfig, Method, ModelConfig, OutputConfig, Recipe, RunConfig
+from inf_quant.core.config import CalibConfig, Device, GPTQConfig, Method, ModelConfig, OutputConfig, Recipe, RunConfig
 from inf_quant.pipeline import quantize
 from inf_quant.qformat import from_tensors
 from inf_quant.quant.grid import dequantize_weight, rtn_quantize

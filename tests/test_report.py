@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from inf_quant.errors import InfQuantError
+from inf_quant.core.errors import InfQuantError
 from inf_quant.report import PPL_PNG, VRAM_PNG, diff_pct, ordered_domains, signed_pct, write_report
 from inf_quant.verify_report import VerifyReport
 
@@ -242,7 +242,7 @@ def test_percentages_that_round_to_zero_are_never_negative_zero():
 def test_verify_json_is_the_report_as_data(tmp_path):
     """VerifyReport.to_json() is what verify writes to verify.json, and from_json gives back the same report; a
     file that is not one is a ConfigError naming it."""
-    from inf_quant.errors import ConfigError
+    from inf_quant.core.errors import ConfigError
 
     d = passing_report()
     d["vram"] = {**d["vram"], "vllm": None, "verify": None}   # verify writes all four parts

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
+from inf_quant.core.errors import ConfigError
+from inf_quant.core.paths import REPO_ROOT
 from inf_quant.lock import start_tick, lock_path, output_lock
-from inf_quant.errors import ConfigError
-from inf_quant.paths import REPO_ROOT
 from tiny import build_tiny_checkpoint
 
 FAST = ("--group-size", "32", "--samples", "4", "--seqlen", "32", "-q")

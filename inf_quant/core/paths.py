@@ -8,11 +8,11 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "inf-tiny"
 CALIBRATION = REPO_ROOT / "calibration" / "calib.jsonl"
 EVAL = REPO_ROOT / "eval" / "eval.jsonl"
-MODELING_DIR = Path(__file__).resolve().parent / "models"
+MODELING_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
 def resolve_model_path(path: str) -> Path:
