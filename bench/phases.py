@@ -30,7 +30,7 @@ import time
 PHASES = ["read", "forward", "hessian", "factor", "columns", "setup", "pack", "write", "awq"]
 # (module, attribute, phase); every module that imported the function by name is patched too
 TARGETS = [
-    ("inf_quant.load", "load_block", "read"),
+    ("inf_quant.read.load", "load_block", "read"),
     ("inf_quant.pipeline", "capture_inputs", "forward"), ("inf_quant.forward", "capture_inputs", "forward"),
     ("inf_quant.pipeline", "forward_all", "forward"), ("inf_quant.forward", "forward_all", "forward"),
     ("inf_quant.pipeline", "_run_half_all", "forward"), ("inf_quant.forward", "run_half_all", "forward"),
@@ -102,7 +102,7 @@ def install(sync: bool = False, sample_rss: bool = True) -> tuple[dict, dict]:
     if sample_rss:
         threading.Thread(target=sample, daemon=True).start()
     output.WorkDir.save_layer = timed(output.WorkDir.save_layer, "write")
-    load = importlib.import_module("inf_quant.load")
+    load = importlib.import_module("inf_quant.read.load")
     for cls, attr, phase in ((getattr(output, "LayerWriter", None), "save", "write"),
                              (getattr(load, "LayerReader", None), "block", "read")):
         if cls is not None:

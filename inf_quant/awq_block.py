@@ -44,10 +44,10 @@ from .context import BlockResult, Context
 from .core.config import Method, WeightSolve
 from .forward import run_block
 from .gptq_block import keep_bf16, solve_layer
-from .layermap import head_dim
 from .qformat import from_tensors, to_tensors
 from .quant.awq import (apply_clip, awq_quantize, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
                         scale_linear_inputs, search_clip, search_scale)
+from .read.layermap import head_dim
 
 log = logging.getLogger(__name__)
 

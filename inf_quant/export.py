@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CheckedCheckpoint
 from .core.config import Layout
 from .core.errors import CheckpointError, ConfigError
 from .fast_tokenizer import FAST_TOKENIZER_FILE
-from .layout import check_layout
-from .load import Checkpoint, open_checkpoint
 from .output import apply_layout, replace_dir
 from .preflight import check_quantized_head
+from .read.checkpoint import CheckedCheckpoint
+from .read.layout import check_layout
+from .read.load import Checkpoint, open_checkpoint
 from .report import VERIFY_OUTPUTS
 from .write import MODELING_FILES, write_json
 

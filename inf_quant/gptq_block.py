@@ -24,9 +24,9 @@ from torch import nn
 from .context import BlockResult, Context
 from .core.config import CudaPath, GPTQConfig, Method
 from .forward import capture_inputs, run_half, run_half_all
-from .layermap import LayerMap, LinearGroup
 from .qformat import from_tensors, to_tensors
 from .quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
+from .read.layermap import LayerMap, LinearGroup
 
 
 def gptq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple) -> BlockResult:

@@ -26,9 +26,9 @@ from .core.errors import ConfigError, resumable
 from .core.hashing import cache_root, checkpoint_sha256
 from .core.paths import REPO_ROOT
 from .fast_tokenizer import fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
-from .layout import stablelm_config
 from .memory import PeakMemory, gib
-from .shards import read_header
+from .read.layout import stablelm_config
+from .read.shards import read_header
 from .write import (INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, copy_modeling_files, copy_side_files, save_file,
                     save_sharded_lazy, write_json)
 

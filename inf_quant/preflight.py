@@ -27,12 +27,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckedCheckpoint, check_checkpoint, check_tensors
 from .core.config import resolve_group_size
 from .core.errors import CheckpointError, ConfigError
 from .core.paths import default_out_dir, resolve_model_path
-from .layermap import LayerMap, layer_map_for
 from .outdir import check_disk, check_output, check_release_dir
+from .read.checkpoint import CheckedCheckpoint, check_checkpoint, check_tensors
+from .read.layermap import LayerMap, layer_map_for
 
 
 def estimate_output_bytes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, bits: int,

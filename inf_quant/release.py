@@ -28,10 +28,10 @@ from .core.errors import ConfigError, resumable
 from .core.hashing import cache_root, checkpoint_sha256, file_sha256
 from .core.paths import resolve_model_path
 from .core.recipe_file import load_recipe
-from .load import open_checkpoint
 from .lock import output_lock
 from .output import git_commit, public_recipe, replace_dir
 from .pipeline import quantize
+from .read.load import open_checkpoint
 from .verify import verify, versions
 from .verify_report import VerifyReport
 from .write import write_json

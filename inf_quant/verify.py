@@ -27,11 +27,11 @@ from .core.paths import resolve_model_path
 from .device import resolve_device
 from .fit import checkpoint_bytes, fit_checkpoint
 from .fit_vllm import VllmSettings, fit_checkpoint_vllm
-from .layout import architecture
-from .load import open_checkpoint
 from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement
 from .preflight import VerifyPlan
+from .read.layout import architecture
+from .read.load import open_checkpoint
 from .report import VERIFY_OUTPUTS, write_report
 from .tokenizer import load_tokenizer
 from .verify_report import (Backend, Baseline, DomainMetrics, EvalSet, Gate, QuantizedModel, VerifyReport,

@@ -11,13 +11,13 @@ from inf_quant import awq_block as block_mod
 from inf_quant.awq_block import capture_group_inputs, module_output_loss, scale_summary, search_samples
 from inf_quant.core.config import AWQConfig, ScaleForms, WeightSolve
 from inf_quant.core.errors import ConfigError, NumericalError
-from inf_quant.layermap import LAYER_MAPS
 from inf_quant.quant import awq
 from inf_quant.quant.awq import (
     activation_stats, apply_clip, can_fold_into_linear, fold_scale_into_linear_outputs,
     fold_index, fold_scale_into_norm, linear_output_loss, scale_candidates, scale_linear_inputs, search_clip, search_scale,
     weight_stats,
 )
+from inf_quant.read.layermap import LAYER_MAPS
 from tolerances import GRID_HALF_STEP_SLACK, assert_close
 
 # AWQ-specific tolerances stay here (tests/tolerances.py is shared and owned elsewhere).

@@ -40,8 +40,8 @@ def test_a_real_language_model_far_below_unigram():
     from inf_quant.baseline import streamed_logprobs
     from inf_quant.calibrate import eval_windows, read_records
     from inf_quant.core.paths import EVAL
-    from inf_quant.load import open_checkpoint
     from inf_quant.metrics import perplexity
+    from inf_quant.read.load import open_checkpoint
     from inf_quant.tokenizer import load_tokenizer
 
     seqlen = int(TRAINING["args"]["seqlen"])

@@ -237,7 +237,7 @@ def test_a_head_dim_stablelm_cannot_derive_is_refused():
     """StableLM derives head_dim as hidden_size / num_attention_heads: an explicit one equal to that is carried
     over, any other is refused by name (layermap.head_dim is the one derivation)."""
     from inf_quant.core.errors import ConfigError
-    from inf_quant.layout import stablelm_config
+    from inf_quant.read.layout import stablelm_config
 
     cfg = {"model_type": "inflm", "hidden_size": 64, "num_attention_heads": 8, "rope_theta": 10000.0}
     assert stablelm_config({**cfg, "head_dim": 8}, "m")["model_type"] == "stablelm"

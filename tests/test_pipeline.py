@@ -91,7 +91,7 @@ def test_output_is_standard_awq_gemm(quantized):
     assert tensors[p + "scales"].get_shape() == [6, 64] and tensors[p + "scales"].get_dtype() == "F16"
     assert p + "g_idx" not in tensors
     # the scales were folded into the norms: they differ from the input's (weight, and bias for LayerNorm)
-    from inf_quant.load import open_checkpoint
+    from inf_quant.read.load import open_checkpoint
 
     src = open_checkpoint(model)
     for name in ["model.layers.0.input_layernorm.weight"] + (["model.layers.0.input_layernorm.bias"]
@@ -290,7 +290,7 @@ def test_the_layer_halves_compose_to_the_whole_layer_exactly(tiny_ckpt):
     """gptq_block captures the MLP groups from the attention half's output instead of re-running attention;
     that is only the same math if the halves of LayerMap.halves are the layer, bit for bit."""
     from inf_quant.forward import run_block, run_half
-    from inf_quant.load import hf_config, load_block, open_checkpoint, rotary, skeleton
+    from inf_quant.read.load import hf_config, load_block, open_checkpoint, rotary, skeleton
 
     ck = open_checkpoint(tiny_ckpt)
     cfg = hf_config(ck)

@@ -15,8 +15,8 @@ tensors are unchanged; only config.json and the tokenizer files differ between t
 
 from __future__ import annotations
 
-from .core.config import Layout
-from .core.errors import CheckpointError, ConfigError
+from ..core.config import Layout
+from ..core.errors import CheckpointError, ConfigError
 from .layermap import head_dim
 
 # StableLM settings under which it computes INF-34B's function (transformers' defaults: 0.25, False, False, False)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .core.errors import CheckpointError
+from ..core.errors import CheckpointError
 
 
 

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core.errors import CheckpointError
-from .core.paths import resolved
+from ..core.errors import CheckpointError
+from ..core.paths import resolved
 from .layermap import LayerMap, check_config, expected_tensors, layer_map_for
 from .shards import Tensor, read_header
 

@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..core.config import Layout
+from ..core.errors import CheckpointError
 from .checkpoint import PICKLES, CheckedCheckpoint, check_checkpoint
-from .core.config import Layout
-from .core.errors import CheckpointError
 from .layermap import LayerMap, layer_map_for
 from .layout import check_layout
 from .shards import DTYPES, Tensor, read_header
@@ -186,7 +186,7 @@ def hf_config(ckpt: Checkpoint, trust_remote_code: bool = False):
     from transformers.models.llama.configuration_llama import LlamaConfig
     from transformers.models.stablelm.configuration_stablelm import StableLmConfig
 
-    from .models.configuration_inflm import INFLMConfig
+    from ..models.configuration_inflm import INFLMConfig
 
     classes = {"inflm": INFLMConfig, "llama": LlamaConfig, "stablelm": StableLmConfig}
     ckpt.layer_map  # noqa: B018 - raises a clear CheckpointError for unsupported model types
@@ -203,7 +203,7 @@ def skeleton(config) -> nn.Module:
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         if config.model_type == "inflm":
-            from .models.modeling_inflm import INFLMForCausalLM
+            from ..models.modeling_inflm import INFLMForCausalLM
 
             return INFLMForCausalLM(config)
         return AutoModelForCausalLM.from_config(config)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .core.errors import CheckpointError
+from ..core.errors import CheckpointError
 
 
 class Dtype(NamedTuple):
