@@ -148,7 +148,7 @@ def heldout_sets(model_dir: str, seqlen: int, max_windows: int) -> dict:
 
     from transformers import AutoTokenizer
 
-    from inf_quant.calibrate import eval_windows, read_records, resolve_text_file
+    from inf_quant.data.calibrate import eval_windows, read_records, resolve_text_file
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     by = defaultdict(list)

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .core.config import Layout
 from .core.errors import CheckpointError, ConfigError
-from .fast_tokenizer import FAST_TOKENIZER_FILE
+from .data.fast_tokenizer import FAST_TOKENIZER_FILE
 from .output import apply_layout, replace_dir
 from .preflight import check_quantized_head
 from .read.checkpoint import CheckedCheckpoint

@@ -25,7 +25,7 @@ from .core.config import Layout, Method, Order, Recipe, to_dict
 from .core.errors import ConfigError, resumable
 from .core.hashing import cache_root, checkpoint_sha256
 from .core.paths import REPO_ROOT
-from .fast_tokenizer import fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
+from .data.fast_tokenizer import fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
 from .memory import PeakMemory, gib
 from .read.layout import stablelm_config
 from .read.shards import read_header

@@ -24,11 +24,12 @@ from torch import nn
 
 from . import output, preflight
 from .awq_block import awq_block, scale_summary, smooth_block
-from .calibrate import calibration_files, document_ids, sample_windows
 from .context import BlockResult, Context, LayerResult
 from .core.config import Method, Recipe, Smooth
 from .core.errors import CheckpointError, ConfigError
 from .core.hashing import files_sha256
+from .data.calibrate import calibration_files, document_ids, sample_windows
+from .data.tokenizer import load_tokenizer
 from .device import resolve_device
 from .forward import forward_all
 from .gptq_block import gptq_block, set_weight
@@ -38,7 +39,6 @@ from .memory import MEMORY_MARGIN, Expected, PeakMemory, available_bytes, expect
 from .qformat import from_tensors
 from .read.layout import check_layout
 from .read.load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
-from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,12 @@ import torch
 
 from . import __version__
 from .baseline import baseline_stats
-from .calibrate import eval_windows, read_records, resolve_text_file, token_stream
 from .core.config import Gates, VerifyConfig
 from .core.errors import CheckpointError, ConfigError
 from .core.hashing import file_sha256
 from .core.paths import resolve_model_path
+from .data.calibrate import eval_windows, read_records, resolve_text_file, token_stream
+from .data.tokenizer import load_tokenizer
 from .device import resolve_device
 from .fit import checkpoint_bytes, fit_checkpoint
 from .fit_vllm import VllmSettings, fit_checkpoint_vllm
@@ -33,7 +34,6 @@ from .preflight import VerifyPlan
 from .read.layout import architecture
 from .read.load import open_checkpoint
 from .report import VERIFY_OUTPUTS, write_report
-from .tokenizer import load_tokenizer
 from .verify_report import (Backend, Baseline, DomainMetrics, EvalSet, Gate, QuantizedModel, VerifyReport,
                             Vram)
 from .write import write_json

@@ -38,11 +38,11 @@ def test_saved_like_inf34b():
 def test_a_real_language_model_far_below_unigram():
     """Recompute the eval perplexity (bf16 weights, fp32 arithmetic, layer-streamed) and compare."""
     from inf_quant.baseline import streamed_logprobs
-    from inf_quant.calibrate import eval_windows, read_records
     from inf_quant.core.paths import EVAL
+    from inf_quant.data.calibrate import eval_windows, read_records
+    from inf_quant.data.tokenizer import load_tokenizer
     from inf_quant.metrics import perplexity
     from inf_quant.read.load import open_checkpoint
-    from inf_quant.tokenizer import load_tokenizer
 
     seqlen = int(TRAINING["args"]["seqlen"])
     # the training script scores consecutive windows of seqlen+1 tokens; here windows of seqlen+1 as well

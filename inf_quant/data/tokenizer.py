@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .core.errors import CheckpointError
+from ..core.errors import CheckpointError
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -18,7 +18,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     cfg_file = path / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
     if cfg.get("tokenizer_class") == "INFLMTokenizer" and not trust_remote_code:
-        from .models.tokenization_inflm import INFLMTokenizer
+        from ..models.tokenization_inflm import INFLMTokenizer
 
         if not (path / "tokenizer.model").is_file():
             raise CheckpointError(f"{path}: tokenizer_config.json names INFLMTokenizer but tokenizer.model is missing")

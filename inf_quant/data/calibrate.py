@@ -13,8 +13,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from .core.errors import ConfigError
-from .core.paths import CALIBRATION, EVAL
+from ..core.errors import ConfigError
+from ..core.paths import CALIBRATION, EVAL
 
 log = logging.getLogger(__name__)
 

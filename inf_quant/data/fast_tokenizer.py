@@ -29,8 +29,8 @@ import logging
 import os
 from pathlib import Path
 
-from .core.errors import CheckpointError
-from .models.tokenization_inflm import PATTERN
+from ..core.errors import CheckpointError
+from ..models.tokenization_inflm import PATTERN
 
 log = logging.getLogger(__name__)
 
