@@ -39,7 +39,7 @@ TARGETS = [
     ("inf_quant.quant.gptq", "_damped_hinv_", "factor"),
     ("inf_quant.quant.gptq", "_solve", "columns"),
     ("inf_quant.quant.gptq", "gptq_quantize", "setup"),
-    ("inf_quant.qformat", "to_tensors", "pack"), ("inf_quant.qformat", "from_tensors", "pack"),
+    ("inf_quant.quant.qformat", "to_tensors", "pack"), ("inf_quant.quant.qformat", "from_tensors", "pack"),
     ("inf_quant.output", "publish", "write"),
     ("inf_quant.awq_block", "awq_block", "awq"),
 ]

@@ -24,8 +24,8 @@ from torch import nn
 from .context import BlockResult, Context
 from .core.config import CudaPath, GPTQConfig, Method
 from .forward import capture_inputs, run_half, run_half_all
-from .qformat import from_tensors, to_tensors
 from .quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
+from .quant.qformat import from_tensors, to_tensors
 from .read.layermap import LayerMap, LinearGroup
 
 

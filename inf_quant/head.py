@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from .context import Context
 from .core.config import GPTQConfig, Method
-from .qformat import from_tensors, to_tensors
 from .quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
+from .quant.qformat import from_tensors, to_tensors
 from .read.load import Checkpoint, load_named
 
 HEAD = "lm_head"

@@ -36,7 +36,7 @@ from .gptq_block import gptq_block, set_weight
 from .head import HEAD, quantize_head
 from .lock import output_lock
 from .memory import MEMORY_MARGIN, Expected, PeakMemory, available_bytes, expected_quantize_peak, gib, largest_fitting
-from .qformat import from_tensors
+from .quant.qformat import from_tensors
 from .read.layout import check_layout
 from .read.load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .core.config import Method
-from .qformat import SUFFIXES, from_tensors
+from .quant.qformat import SUFFIXES, from_tensors
 from .read.load import hf_config, open_checkpoint
 
 

@@ -488,8 +488,8 @@ def test_the_awq_format_refuses_codes_whose_groups_are_not_i_over_g():
     import torch
 
     from inf_quant.core.config import Method
-    from inf_quant.qformat import to_tensors
     from inf_quant.quant.grid import QuantizedWeight
+    from inf_quant.quant.qformat import to_tensors
 
     n, k, g = 8, 64, 32
     q = QuantizedWeight(codes=torch.zeros(n, k, dtype=torch.uint8), scale=torch.ones(n, k // g),

@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .core.config import check_bits
-from .core.errors import CheckpointError, ConfigError, NumericalError
+from ..core.config import check_bits
+from ..core.errors import CheckpointError, ConfigError, NumericalError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)          # field f of an AWQ word holds column AWQ_ORDER[f]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column c of a group of 8 sits in field AWQ_REVERSE_ORDER[c]

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .core.config import Method
-from .core.errors import NumericalError
+from ..core.config import Method
+from ..core.errors import NumericalError
+from .grid import QuantizedWeight
 from .pack import (fp16_checked, pack_awq, pack_gptq, unpack_awq_qweight, unpack_awq_qzeros, unpack_gptq_qweight,
                    unpack_gptq_qzeros)
-from .quant.grid import QuantizedWeight
 
 SUFFIXES = {Method.GPTQ: ("qweight", "qzeros", "scales", "g_idx"), Method.AWQ: ("qweight", "qzeros", "scales")}
 
