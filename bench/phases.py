@@ -31,9 +31,9 @@ PHASES = ["read", "forward", "hessian", "factor", "columns", "setup", "pack", "w
 # (module, attribute, phase); every module that imported the function by name is patched too
 TARGETS = [
     ("inf_quant.read.load", "load_block", "read"),
-    ("inf_quant.pipeline", "capture_inputs", "forward"), ("inf_quant.forward", "capture_inputs", "forward"),
-    ("inf_quant.pipeline", "forward_all", "forward"), ("inf_quant.forward", "forward_all", "forward"),
-    ("inf_quant.pipeline", "_run_half_all", "forward"), ("inf_quant.forward", "run_half_all", "forward"),
+    ("inf_quant.pipeline", "capture_inputs", "forward"), ("inf_quant.engine.forward", "capture_inputs", "forward"),
+    ("inf_quant.pipeline", "forward_all", "forward"), ("inf_quant.engine.forward", "forward_all", "forward"),
+    ("inf_quant.pipeline", "_run_half_all", "forward"), ("inf_quant.engine.forward", "run_half_all", "forward"),
     ("inf_quant.quant.gptq", "accumulate_hessian", "hessian"),
     ("inf_quant.quant.gptq", "hessian_add_", "hessian"), ("inf_quant.quant.gptq", "hessian_finish_", "hessian"),
     ("inf_quant.quant.gptq", "_damped_hinv_", "factor"),
@@ -41,7 +41,7 @@ TARGETS = [
     ("inf_quant.quant.gptq", "gptq_quantize", "setup"),
     ("inf_quant.quant.qformat", "to_tensors", "pack"), ("inf_quant.quant.qformat", "from_tensors", "pack"),
     ("inf_quant.output", "publish", "write"),
-    ("inf_quant.awq_block", "awq_block", "awq"),
+    ("inf_quant.engine.awq_block", "awq_block", "awq"),
 ]
 
 

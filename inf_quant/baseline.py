@@ -16,8 +16,8 @@ import torch
 
 from . import __version__
 from .core.hashing import cache_root, checkpoint_sha256, write_cache
-from .forward import forward_all
-from .memory import BASELINE_GIB, windows_per_pass
+from .engine.forward import forward_all
+from .engine.memory import BASELINE_GIB, windows_per_pass
 from .metrics import topk_logprobs
 from .read.load import Checkpoint, LayerReader, embed_ids, hf_config, load_named, rotary, skeleton
 

@@ -30,7 +30,7 @@ class _Progress:
             return
         from tqdm import tqdm
 
-        from .memory import gib
+        from .engine.memory import gib
 
         if self.bar is None:
             self.bar = tqdm(total=total, desc="layers", unit="layer", file=sys.stderr, dynamic_ncols=True)
@@ -57,7 +57,7 @@ class _PhaseProgress:
             return
         from tqdm import tqdm
 
-        from .memory import gib, rss_bytes
+        from .engine.memory import gib, rss_bytes
 
         if phase != self.phase:
             if self.bar is not None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .core.config import VerifyConfig, check_bits
 from .core.errors import CheckpointError, ConfigError
-from .memory import expected_verify_peak
+from .engine.memory import expected_verify_peak
 from .read.checkpoint import CheckedCheckpoint, check_checkpoint
 from .read.layermap import LAYER_MAPS, head_dim
 from .read.load import Checkpoint

@@ -25,10 +25,10 @@ from .core.hashing import file_sha256
 from .core.paths import resolve_model_path
 from .data.calibrate import eval_windows, read_records, resolve_text_file, token_stream
 from .data.tokenizer import load_tokenizer
-from .device import resolve_device
+from .engine.device import resolve_device
+from .engine.memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
 from .fit import checkpoint_bytes, fit_checkpoint
 from .fit_vllm import VllmSettings, fit_checkpoint_vllm
-from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
 from .metrics import kl_topk, summarize, top1_agreement
 from .preflight import VerifyPlan
 from .read.layout import architecture

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inf_quant import awq_block as block_mod
-from inf_quant.awq_block import capture_group_inputs, module_output_loss, scale_summary, search_samples
 from inf_quant.core.config import AWQConfig, ScaleForms, WeightSolve
 from inf_quant.core.errors import ConfigError, NumericalError
+from inf_quant.engine import awq_block as block_mod
+from inf_quant.engine.awq_block import capture_group_inputs, module_output_loss, scale_summary, search_samples
 from inf_quant.quant import awq
 from inf_quant.quant.awq import (
     activation_stats, apply_clip, can_fold_into_linear, fold_scale_into_linear_outputs,
@@ -473,7 +473,7 @@ def test_scale_summary_aggregates_over_layers():
 @torch.no_grad()
 def test_folding_every_group_keeps_the_layer_output(model_type):
     """All four searched scales folded (LayerNorm + bias / RMSNorm, GQA v -> o, up -> down), nothing quantized."""
-    from inf_quant.forward import run_block
+    from inf_quant.engine.forward import run_block
 
     block, hidden, rope, xs, kwargs = _captured(54, model_type)
     expected = run_block(block, hidden, rope)

@@ -289,7 +289,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, inflm_ckpt, capsys, args, me
 def test_the_layer_halves_compose_to_the_whole_layer_exactly(tiny_ckpt):
     """gptq_block captures the MLP groups from the attention half's output instead of re-running attention;
     that is only the same math if the halves of LayerMap.halves are the layer, bit for bit."""
-    from inf_quant.forward import run_block, run_half
+    from inf_quant.engine.forward import run_block, run_half
     from inf_quant.read.load import hf_config, load_block, open_checkpoint, rotary, skeleton
 
     ck = open_checkpoint(tiny_ckpt)

@@ -265,7 +265,7 @@ def test_the_refusal_advises_the_largest_samples_that_fit(tmp_path, monkeypatch,
     and the advised --samples is the largest whose expected peak is within what is available."""
     import inf_quant.pipeline as pipeline
     from inf_quant.core.paths import DEFAULT_MODEL
-    from inf_quant.memory import expected_quantize_peak
+    from inf_quant.engine.memory import expected_quantize_peak
     from inf_quant.read.load import open_checkpoint
 
     avail = 23 * 2**30

@@ -40,14 +40,14 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..core.config import Method, WeightSolve
+from ..quant.awq import (apply_clip, awq_quantize, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
+                         scale_linear_inputs, search_clip, search_scale)
+from ..quant.qformat import from_tensors, to_tensors
+from ..read.layermap import head_dim
 from .context import BlockResult, Context
-from .core.config import Method, WeightSolve
 from .forward import run_block
 from .gptq_block import keep_bf16, solve_layer
-from .quant.awq import (apply_clip, awq_quantize, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
-                        scale_linear_inputs, search_clip, search_scale)
-from .quant.qformat import from_tensors, to_tensors
-from .read.layermap import head_dim
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .read.layermap import LayerMap, config_dims
+from ..read.layermap import LayerMap, config_dims
 
 BASELINE_GIB = 2.0    # hidden states [S, T, D] of one pass of the layer-streamed baseline (more windows: more passes)
 LOGIT_CHUNK_BYTES = 256 * 2**20  # fp32 logits [C, V] of one chunk of positions when verify scores the quantized model

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .core.config import Device, DType
-from .core.errors import ConfigError
+from ..core.config import Device, DType
+from ..core.errors import ConfigError
 
 
 def resolve_device(dev: Device, dtype: DType = DType.AUTO, gpu: int = 0) -> tuple[torch.device, torch.dtype]:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .core.config import Recipe
-from .read.layermap import LayerMap
-from .read.load import Checkpoint
+from ..core.config import Recipe
+from ..read.layermap import LayerMap
+from ..read.load import Checkpoint
 
 if TYPE_CHECKING:  # transformers is imported by load.hf_config, when a run needs it
     from transformers import PretrainedConfig

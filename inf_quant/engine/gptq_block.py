@@ -21,12 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.config import CudaPath, GPTQConfig, Method
+from ..quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
+from ..quant.qformat import from_tensors, to_tensors
+from ..read.layermap import LayerMap, LinearGroup
 from .context import BlockResult, Context
-from .core.config import CudaPath, GPTQConfig, Method
 from .forward import capture_inputs, run_half, run_half_all
-from .quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
-from .quant.qformat import from_tensors, to_tensors
-from .read.layermap import LayerMap, LinearGroup
 
 
 def gptq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple) -> BlockResult:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..core.config import GPTQConfig, Method
+from ..quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
+from ..quant.qformat import from_tensors, to_tensors
+from ..read.load import Checkpoint, load_named
 from .context import Context
-from .core.config import GPTQConfig, Method
-from .quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
-from .quant.qformat import from_tensors, to_tensors
-from .read.load import Checkpoint, load_named
 
 HEAD = "lm_head"
 
