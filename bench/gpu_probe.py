@@ -36,7 +36,7 @@ from inf_quant.core.config import (AWQConfig, CalibConfig, CudaPath, Device, DTy
 from inf_quant.core.paths import DEFAULT_MODEL  # noqa: E402
 from inf_quant.models.configuration_inflm import INFLMConfig  # noqa: E402
 from inf_quant.pipeline import quantize  # noqa: E402
-from inf_quant.write import copy_modeling_files, save_sharded_lazy, write_json  # noqa: E402
+from inf_quant.save.write import copy_modeling_files, save_sharded_lazy, write_json  # noqa: E402
 from phases import install  # noqa: E402
 
 

@@ -40,7 +40,7 @@ TARGETS = [
     ("inf_quant.quant.gptq", "_solve", "columns"),
     ("inf_quant.quant.gptq", "gptq_quantize", "setup"),
     ("inf_quant.quant.qformat", "to_tensors", "pack"), ("inf_quant.quant.qformat", "from_tensors", "pack"),
-    ("inf_quant.output", "publish", "write"),
+    ("inf_quant.save.output", "publish", "write"),
     ("inf_quant.engine.awq_block", "awq_block", "awq"),
 ]
 
@@ -50,7 +50,7 @@ TARGETS = [
 def install(sync: bool = False, sample_rss: bool = True) -> tuple[dict, dict]:
     """Wrap the pipeline's functions (import inf_quant first): (seconds per phase, sampled peak RSS per phase),
     both filled in as the pipeline runs."""
-    import inf_quant.output as output
+    import inf_quant.save.output as output
 
     spent = dict.fromkeys(PHASES, 0.0)
     stack: list[list] = []  # [phase, start, seconds of nested timed calls]

@@ -75,7 +75,7 @@ class _PhaseProgress:
 def _quantize(args) -> int:
     from . import preflight
 
-    from .lock import output_lock
+    from .save.lock import output_lock
 
     t0 = time.monotonic()
     recipe = recipe_from_args(args)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import output, preflight
+from . import preflight
 from .core.config import Method, Recipe, Smooth
 from .core.errors import CheckpointError, ConfigError
 from .core.hashing import files_sha256
@@ -36,10 +36,11 @@ from .engine.gptq_block import gptq_block, set_weight
 from .engine.head import HEAD, quantize_head
 from .engine.memory import (MEMORY_MARGIN, Expected, PeakMemory, available_bytes, expected_quantize_peak, gib,
                             largest_fitting)
-from .lock import output_lock
 from .quant.qformat import from_tensors
 from .read.layout import check_layout
 from .read.load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
+from .save import output
+from .save.lock import output_lock
 
 log = logging.getLogger(__name__)
 

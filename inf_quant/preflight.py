@@ -30,9 +30,9 @@ from pathlib import Path
 from .core.config import resolve_group_size
 from .core.errors import CheckpointError, ConfigError
 from .core.paths import default_out_dir, resolve_model_path
-from .outdir import check_disk, check_output, check_release_dir
 from .read.checkpoint import CheckedCheckpoint, check_checkpoint, check_tensors
 from .read.layermap import LayerMap, layer_map_for
+from .save.outdir import check_disk, check_output, check_release_dir
 
 
 def estimate_output_bytes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, bits: int,

@@ -34,9 +34,9 @@ from .preflight import VerifyPlan
 from .read.layout import architecture
 from .read.load import open_checkpoint
 from .report import VERIFY_OUTPUTS, write_report
+from .save.write import write_json
 from .verify_report import (Backend, Baseline, DomainMetrics, EvalSet, Gate, QuantizedModel, VerifyReport,
                             Vram)
-from .write import write_json
 
 log = logging.getLogger(__name__)
 ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

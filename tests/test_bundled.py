@@ -100,7 +100,7 @@ def test_verify_fails_a_damaged_checkpoint_naming_the_gate(ci_release, tmp_path,
     shutil.copytree(out / "inf-tiny-gptq-w4g128", bad)
     from safetensors.torch import load_file
 
-    from inf_quant.write import save_file
+    from inf_quant.save.write import save_file
 
     for shard in bad.glob("*.safetensors"):
         t = {k: v.clone() for k, v in load_file(shard).items()}  # not views of the file we overwrite
@@ -116,7 +116,7 @@ def test_verify_fails_a_damaged_checkpoint_naming_the_gate(ci_release, tmp_path,
 def test_shipped_code_files_match_the_package():
     """The bundled checkpoint carries inf-quant's modeling/tokenizer files verbatim (they must not drift)."""
     from inf_quant.core.paths import MODELING_DIR
-    from inf_quant.write import MODELING_FILES
+    from inf_quant.save.write import MODELING_FILES
 
     for name in MODELING_FILES:
         assert (DEFAULT_MODEL / name).read_bytes() == (MODELING_DIR / name).read_bytes(), name

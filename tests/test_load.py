@@ -91,7 +91,7 @@ def test_plain_reads_give_safe_opens_bytes(tmp_path):
     from safetensors import safe_open
 
     from inf_quant.read.load import read_safetensors
-    from inf_quant.write import save_file
+    from inf_quant.save.write import save_file
 
     g = torch.Generator().manual_seed(0)
     tensors = {"bf16": torch.randn(7, 33, generator=g).bfloat16(), "f32": torch.randn(5, generator=g),

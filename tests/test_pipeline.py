@@ -206,7 +206,7 @@ def test_resume_after_interruption_gives_identical_bytes(tmp_path, inflm_ckpt, m
 def test_layer_writer_writes_behind_and_raises_its_failures(tmp_path, monkeypatch):
     """Finished layers are written on a background thread: the file holds what was saved, a failed write is
     raised at the next save (not lost), and leaving the writer waits for the write in flight."""
-    from inf_quant.output import LayerWriter, WorkDir
+    from inf_quant.save.output import LayerWriter, WorkDir
 
     work = WorkDir(tmp_path)
     t = {"a.qweight": torch.arange(12, dtype=torch.int32).reshape(3, 4), "a.scales": torch.ones(2, 4).half()}
@@ -231,7 +231,7 @@ def test_asymmetric_zero_point_of_zero_is_refused_not_written_broken(tmp_path, c
     model = build_tiny_checkpoint(tmp_path / "m", "llama")
     from safetensors.torch import load_file
 
-    from inf_quant.write import save_file
+    from inf_quant.save.write import save_file
 
     shard = next(p for p in model.glob("*.safetensors")
                  if "model.layers.0.mlp.up_proj.weight" in load_file(p))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.lock import lock_path
+from inf_quant.save.lock import lock_path
 from test_trust import FAST, Box, _gptq, _rewrite_shard, _shard, registrar, run_case, snapshot
 from tiny import build_tiny_checkpoint
 

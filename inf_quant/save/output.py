@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import __version__
-from .core.config import Layout, Method, Order, Recipe, to_dict
-from .core.errors import ConfigError, resumable
-from .core.hashing import cache_root, checkpoint_sha256
-from .core.paths import REPO_ROOT
-from .data.fast_tokenizer import fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
-from .engine.context import Context, LayerResult
-from .engine.memory import PeakMemory, gib
-from .read.layout import stablelm_config
-from .read.shards import read_header
+from .. import __version__
+from ..core.config import Layout, Method, Order, Recipe, to_dict
+from ..core.errors import ConfigError, resumable
+from ..core.hashing import cache_root, checkpoint_sha256
+from ..core.paths import REPO_ROOT
+from ..data.fast_tokenizer import fast_tokenizer_config, is_inflm_tokenizer, write_fast_tokenizer
+from ..engine.context import Context, LayerResult
+from ..engine.memory import PeakMemory, gib
+from ..read.layout import stablelm_config
+from ..read.shards import read_header
 from .write import (INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, copy_modeling_files, copy_side_files, save_file,
                     save_sharded_lazy, write_json)
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .core.errors import ConfigError
+from ..core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .core.errors import ConfigError
-from .core.paths import resolved
+from ..core.errors import ConfigError
+from ..core.paths import resolved
 
 OUTPUT_MARKER = "inf_quant.json"       # in every output inf-quant writes (output.write_configs, export)
 DISK_MARGIN = 1.1

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .core.paths import MODELING_DIR
-from .read.load import ST_NAMES
+from ..core.paths import MODELING_DIR
+from ..read.load import ST_NAMES
 
 MODELING_FILES = ("configuration_inflm.py", "modeling_inflm.py", "tokenization_inflm.py")
 # config.json's pointer from the Auto classes to the copied MODELING_FILES (plain transformers, trust_remote_code)
