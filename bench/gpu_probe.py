@@ -141,7 +141,7 @@ def verify_peak(model: Path, quant: Path, a) -> dict:
     """verify on the probe's GPTQ output: its own peak per phase, measured and expected, + the 48-layer expectation."""
     from inf_quant.core.config import VerifyConfig
     from inf_quant.engine.memory import expected_verify_peak
-    from inf_quant.fit import checkpoint_bytes
+    from inf_quant.evaluate.fit import checkpoint_bytes
     from inf_quant.read.layermap import layer_map_for
     from inf_quant.verify import verify
 

@@ -107,14 +107,14 @@ def _fit(args) -> int:
     from .core.errors import ConfigError
 
     if args.engine == "transformers":
-        from .fit import fit_checkpoint
+        from .evaluate.fit import fit_checkpoint
 
         if args.kv_dtype == "auto":
             raise ConfigError("--kv-dtype auto is vLLM's; with --engine transformers pass fp16, bf16 or fp8")
         report = fit_checkpoint(args.model, args.vram_gib, args.context, args.batch, args.kv_dtype or "fp16")
         print(json.dumps(report.to_dict(), sort_keys=True) if args.json else report.to_text())
         return 0 if report.fits else 1
-    from .fit_vllm import VllmSettings, answer
+    from .evaluate.fit_vllm import VllmSettings, answer
 
     kv = "auto" if args.kv_dtype in (None, "fp16", "bf16") else args.kv_dtype  # vLLM's cache: the model dtype or fp8
     settings = VllmSettings(args.gpu_memory_utilization, kv, args.enforce_eager, args.max_num_batched_tokens,

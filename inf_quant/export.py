@@ -18,11 +18,11 @@ from . import __version__
 from .core.config import Layout
 from .core.errors import CheckpointError, ConfigError
 from .data.fast_tokenizer import FAST_TOKENIZER_FILE
+from .evaluate.report import VERIFY_OUTPUTS
 from .preflight import check_quantized_head
 from .read.checkpoint import CheckedCheckpoint
 from .read.layout import check_layout
 from .read.load import Checkpoint, open_checkpoint
-from .report import VERIFY_OUTPUTS
 from .save.output import apply_layout, replace_dir
 from .save.write import MODELING_FILES, write_json
 

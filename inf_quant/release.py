@@ -28,13 +28,13 @@ from .core.errors import ConfigError, resumable
 from .core.hashing import cache_root, checkpoint_sha256, file_sha256
 from .core.paths import resolve_model_path
 from .core.recipe_file import load_recipe
+from .evaluate.verify_report import VerifyReport
 from .pipeline import quantize
 from .read.load import open_checkpoint
 from .save.lock import output_lock
 from .save.output import git_commit, public_recipe, replace_dir
 from .save.write import write_json
 from .verify import verify, versions
-from .verify_report import VerifyReport
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -37,11 +37,11 @@ def test_saved_like_inf34b():
 
 def test_a_real_language_model_far_below_unigram():
     """Recompute the eval perplexity (bf16 weights, fp32 arithmetic, layer-streamed) and compare."""
-    from inf_quant.baseline import streamed_logprobs
     from inf_quant.core.paths import EVAL
     from inf_quant.data.calibrate import eval_windows, read_records
     from inf_quant.data.tokenizer import load_tokenizer
-    from inf_quant.metrics import perplexity
+    from inf_quant.evaluate.baseline import streamed_logprobs
+    from inf_quant.evaluate.metrics import perplexity
     from inf_quant.read.load import open_checkpoint
 
     seqlen = int(TRAINING["args"]["seqlen"])

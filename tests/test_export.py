@@ -21,7 +21,7 @@ from safetensors import safe_open
 from helpers import cli, run_clean, tree_hashes
 from inf_quant.core.paths import CALIBRATION, DEFAULT_MODEL, EVAL
 from inf_quant.data.tokenizer import load_tokenizer
-from inf_quant.fit import fit_checkpoint
+from inf_quant.evaluate.fit import fit_checkpoint
 from tiny import build_tiny_checkpoint
 from tolerances import LAYOUT_LOGITS_ATOL
 

@@ -10,8 +10,8 @@ from safetensors import safe_open
 
 from helpers import cli, run_clean, tree_hashes
 from inf_quant.core.config import AWQConfig, CalibConfig, GPTQConfig, Method, ModelConfig, Order, OutputConfig, Recipe
+from inf_quant.evaluate.reference import load_dequantized
 from inf_quant.pipeline import quantize
-from inf_quant.reference import load_dequantized
 from tiny import build_tiny_checkpoint
 from tolerances import BACKEND_VS_REFERENCE_LOGITS_ATOL, PIPELINE_GPTQ_MIN_GAIN_OVER_RTN
 

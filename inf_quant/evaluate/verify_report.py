@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .core.errors import ConfigError
+from ..core.errors import ConfigError
 
 GIB = 2**30
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .core.config import Method
-from .quant.qformat import SUFFIXES, from_tensors
-from .read.load import hf_config, open_checkpoint
+from ..core.config import Method
+from ..quant.qformat import SUFFIXES, from_tensors
+from ..read.load import hf_config, open_checkpoint
 
 
 def load_dequantized(quant_dir: str | Path, dtype: torch.dtype = torch.float32):

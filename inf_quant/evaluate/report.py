@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .core.errors import InfQuantError
+from ..core.errors import InfQuantError
 from .verify_report import GIB, Gate, VerifyReport, Vram, gib as _gib, signed_pct
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 
-from .core.errors import ConfigError
+from ..core.errors import ConfigError
 from .fit import GIB, KV_DTYPE_BYTES, Checked, quant_spec, activation_bytes, memory_model, tensor_sizes
 
 BLOCK_TOKENS = 16              # vLLM's default KV block size on CUDA (vllm/config/cache.py)

@@ -24,12 +24,12 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .core.config import VerifyConfig, check_bits
-from .core.errors import CheckpointError, ConfigError
-from .engine.memory import expected_verify_peak
-from .read.checkpoint import CheckedCheckpoint, check_checkpoint
-from .read.layermap import LAYER_MAPS, head_dim
-from .read.load import Checkpoint
+from ..core.config import VerifyConfig, check_bits
+from ..core.errors import CheckpointError, ConfigError
+from ..engine.memory import expected_verify_peak
+from ..read.checkpoint import CheckedCheckpoint, check_checkpoint
+from ..read.layermap import LAYER_MAPS, head_dim
+from ..read.load import Checkpoint
 
 GB = 10**9
 GIB = 2**30

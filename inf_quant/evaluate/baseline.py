@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__
-from .core.hashing import cache_root, checkpoint_sha256, write_cache
-from .engine.forward import forward_all
-from .engine.memory import BASELINE_GIB, windows_per_pass
+from .. import __version__
+from ..core.hashing import cache_root, checkpoint_sha256, write_cache
+from ..engine.forward import forward_all
+from ..engine.memory import BASELINE_GIB, windows_per_pass
+from ..read.load import Checkpoint, LayerReader, embed_ids, hf_config, load_named, rotary, skeleton
 from .metrics import topk_logprobs
-from .read.load import Checkpoint, LayerReader, embed_ids, hf_config, load_named, rotary, skeleton
 
 log = logging.getLogger(__name__)
 
