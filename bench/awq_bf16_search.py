@@ -32,12 +32,13 @@ def main() -> None:
     a = ap.parse_args()
     from smollm2 import ensure_smollm2
 
-    from inf_quant.awq_block import capture_group_inputs
-    from inf_quant.config import AWQConfig, CalibConfig, DType, Method, ModelConfig, OutputConfig, Recipe, RunConfig
-    from inf_quant.forward import forward_all
-    from inf_quant.load import embed_ids, load_block, rotary, skeleton
+    from inf_quant.core.config import (AWQConfig, CalibConfig, DType, Method, ModelConfig, OutputConfig, Recipe,
+                                       RunConfig)
+    from inf_quant.engine.awq_block import capture_group_inputs
+    from inf_quant.engine.forward import forward_all
     from inf_quant.pipeline import prepare
     from inf_quant.quant.awq import _fake_quant, linear_output_loss, search_scale
+    from inf_quant.read.load import embed_ids, load_block, rotary, skeleton
 
     model = ensure_smollm2()
     recipe = Recipe(method=Method.AWQ, model=ModelConfig(path=str(model)),

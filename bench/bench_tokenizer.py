@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inf_quant.fast_tokenizer import fast_tokenizer, fast_tokenizer_config, write_fast_tokenizer  # noqa: E402
-from inf_quant.paths import CALIBRATION, DEFAULT_MODEL, EVAL  # noqa: E402
-from inf_quant.tokenizer import load_tokenizer  # noqa: E402
+from inf_quant.core.paths import CALIBRATION, DEFAULT_MODEL, EVAL  # noqa: E402
+from inf_quant.data.fast_tokenizer import fast_tokenizer, fast_tokenizer_config, write_fast_tokenizer  # noqa: E402
+from inf_quant.data.tokenizer import load_tokenizer  # noqa: E402
 
 
 def best(fn, repeat: int) -> float:

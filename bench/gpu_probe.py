@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inf_quant.config import (AWQConfig, CalibConfig, CudaPath, Device, DType, GPTQConfig, Method,  # noqa: E402
-                              ModelConfig, OutputConfig, Recipe, RunConfig)
+from inf_quant.core.config import (AWQConfig, CalibConfig, CudaPath, Device, DType, GPTQConfig, Method,  # noqa: E402
+                                   ModelConfig, OutputConfig, Recipe, RunConfig)
+from inf_quant.core.paths import DEFAULT_MODEL  # noqa: E402
 from inf_quant.models.configuration_inflm import INFLMConfig  # noqa: E402
-from inf_quant.paths import DEFAULT_MODEL  # noqa: E402
 from inf_quant.pipeline import quantize  # noqa: E402
-from inf_quant.write import copy_modeling_files, save_sharded_lazy, write_json  # noqa: E402
+from inf_quant.save.write import copy_modeling_files, save_sharded_lazy, write_json  # noqa: E402
 from phases import install  # noqa: E402
 
 
@@ -139,10 +139,10 @@ def main() -> None:
 
 def verify_peak(model: Path, quant: Path, a) -> dict:
     """verify on the probe's GPTQ output: its own peak per phase, measured and expected, + the 48-layer expectation."""
-    from inf_quant.config import VerifyConfig
-    from inf_quant.fit import checkpoint_bytes
-    from inf_quant.layermap import layer_map_for
-    from inf_quant.memory import expected_verify_peak
+    from inf_quant.core.config import VerifyConfig
+    from inf_quant.engine.memory import expected_verify_peak
+    from inf_quant.evaluate.fit import checkpoint_bytes
+    from inf_quant.read.layermap import layer_map_for
     from inf_quant.verify import verify
 
     t0 = time.monotonic()

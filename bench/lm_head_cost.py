@@ -2,7 +2,7 @@
 
 `gptq --lm-head` is written only for INF checkpoints (inflm layout: transformers' own Llama class would load the
 head randomly initialised), and SmolLM2 is a Llama, so this runs the same steps as the pipeline's last one
-(inf_quant/head.py) by hand on SmolLM2's GPTQ-4 output:
+(inf_quant/engine/head.py) by hand on SmolLM2's GPTQ-4 output:
 
 1. `inf-quant gptq --bits 4 --group-size 64` on SmolLM2 (16 x 512 calibration windows, the defaults' sym grid);
 2. the calibration windows through that quantized model: the final norm's outputs X, H = 2/n X^T X (head.py's
@@ -39,8 +39,8 @@ def main() -> None:
     from smollm2 import ensure_smollm2, eval_windows
     from transformers import AutoModelForCausalLM
 
-    from inf_quant.config import CalibConfig, GPTQConfig, ModelConfig, OutputConfig, Recipe
-    from inf_quant.head import solve_head
+    from inf_quant.core.config import CalibConfig, GPTQConfig, ModelConfig, OutputConfig, Recipe
+    from inf_quant.engine.head import solve_head
     from inf_quant.pipeline import prepare
     from inf_quant.quant.gptq import hessian_add_, hessian_finish_
     from inf_quant.quant.grid import dequantize_weight, rtn_quantize

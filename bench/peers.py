@@ -148,7 +148,7 @@ def heldout_sets(model_dir: str, seqlen: int, max_windows: int) -> dict:
 
     from transformers import AutoTokenizer
 
-    from inf_quant.calibrate import eval_windows, read_records, resolve_text_file
+    from inf_quant.data.calibrate import eval_windows, read_records, resolve_text_file
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     by = defaultdict(list)
@@ -190,8 +190,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/inf-quant-peers")
     ap.add_argument("--no-rtn", action="store_true")
     ap.add_argument("--loader", choices=["dequantized", "transformers"], default="dequantized",
-                    help="dequantized: inf_quant.reference.load_dequantized (the weights the packed tensors encode; "
-                         "tests/test_loader_exact.py holds it equal to gptqmodel's kernels); transformers: "
+                    help="dequantized: inf_quant.evaluate.reference.load_dequantized (the weights the packed tensors "
+                         "encode; tests/test_loader_exact.py holds it equal to gptqmodel's kernels); transformers: "
                          "from_pretrained through gptqmodel's CPU kernels (as users load it; ~10x slower here)")
     ap.add_argument("--score-dtype", choices=["bf16", "fp32"], default="bf16",
                     help="compute dtype of every scored forward, bf16 model and quantized alike (log-softmax in fp32)")
@@ -204,7 +204,7 @@ def main() -> None:
     import torch
     from smollm2 import ensure_smollm2, eval_windows
 
-    from inf_quant.config import CalibConfig, GPTQConfig, ModelConfig, OutputConfig, Recipe
+    from inf_quant.core.config import CalibConfig, GPTQConfig, ModelConfig, OutputConfig, Recipe
     from inf_quant.pipeline import prepare
 
     model = str(ensure_smollm2())
@@ -248,7 +248,7 @@ def main() -> None:
     sets = heldout_sets(model, a.seqlen, a.heldout_windows)
     heldout = list(sets)
     sets["eval/ (tuned on)"] = eval_windows(model, a.seqlen, a.eval_windows)
-    from inf_quant.reference import load_dequantized
+    from inf_quant.evaluate.reference import load_dequantized
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.score_dtype]
     models = {}

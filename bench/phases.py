@@ -30,18 +30,18 @@ import time
 PHASES = ["read", "forward", "hessian", "factor", "columns", "setup", "pack", "write", "awq"]
 # (module, attribute, phase); every module that imported the function by name is patched too
 TARGETS = [
-    ("inf_quant.load", "load_block", "read"),
-    ("inf_quant.pipeline", "capture_inputs", "forward"), ("inf_quant.forward", "capture_inputs", "forward"),
-    ("inf_quant.pipeline", "forward_all", "forward"), ("inf_quant.forward", "forward_all", "forward"),
-    ("inf_quant.pipeline", "_run_half_all", "forward"), ("inf_quant.forward", "run_half_all", "forward"),
+    ("inf_quant.read.load", "load_block", "read"),
+    ("inf_quant.pipeline", "capture_inputs", "forward"), ("inf_quant.engine.forward", "capture_inputs", "forward"),
+    ("inf_quant.pipeline", "forward_all", "forward"), ("inf_quant.engine.forward", "forward_all", "forward"),
+    ("inf_quant.pipeline", "_run_half_all", "forward"), ("inf_quant.engine.forward", "run_half_all", "forward"),
     ("inf_quant.quant.gptq", "accumulate_hessian", "hessian"),
     ("inf_quant.quant.gptq", "hessian_add_", "hessian"), ("inf_quant.quant.gptq", "hessian_finish_", "hessian"),
     ("inf_quant.quant.gptq", "_damped_hinv_", "factor"),
     ("inf_quant.quant.gptq", "_solve", "columns"),
     ("inf_quant.quant.gptq", "gptq_quantize", "setup"),
-    ("inf_quant.qformat", "to_tensors", "pack"), ("inf_quant.qformat", "from_tensors", "pack"),
-    ("inf_quant.output", "publish", "write"),
-    ("inf_quant.awq_block", "awq_block", "awq"),
+    ("inf_quant.quant.qformat", "to_tensors", "pack"), ("inf_quant.quant.qformat", "from_tensors", "pack"),
+    ("inf_quant.save.output", "publish", "write"),
+    ("inf_quant.engine.awq_block", "awq_block", "awq"),
 ]
 
 
@@ -50,7 +50,7 @@ TARGETS = [
 def install(sync: bool = False, sample_rss: bool = True) -> tuple[dict, dict]:
     """Wrap the pipeline's functions (import inf_quant first): (seconds per phase, sampled peak RSS per phase),
     both filled in as the pipeline runs."""
-    import inf_quant.output as output
+    import inf_quant.save.output as output
 
     spent = dict.fromkeys(PHASES, 0.0)
     stack: list[list] = []  # [phase, start, seconds of nested timed calls]
@@ -102,7 +102,7 @@ def install(sync: bool = False, sample_rss: bool = True) -> tuple[dict, dict]:
     if sample_rss:
         threading.Thread(target=sample, daemon=True).start()
     output.WorkDir.save_layer = timed(output.WorkDir.save_layer, "write")
-    load = importlib.import_module("inf_quant.load")
+    load = importlib.import_module("inf_quant.read.load")
     for cls, attr, phase in ((getattr(output, "LayerWriter", None), "save", "write"),
                              (getattr(load, "LayerReader", None), "block", "read")):
         if cls is not None:

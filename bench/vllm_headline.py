@@ -1,13 +1,14 @@
 """INF-34B 4-bit g128 on one 24 GiB card under vLLM: the largest --max-model-len, fp16 vs fp8 KV, bf16 vs 4-bit lm_head.
 
-Pure arithmetic from INF-34B's published shapes through `inf_quant.fit_vllm` (the model behind `inf-quant fit`);
-nothing is loaded. The 4-bit lm_head is GPTQ-packed like a block Linear ([V, D], g128, sym), the embedding stays
-bf16. Run: `python bench/vllm_headline.py [--vram-gib 24]`; bench/RESULTS.md and README quote its output.
+Pure arithmetic from INF-34B's published shapes through `inf_quant.evaluate.fit_vllm` (the model behind
+`inf-quant fit`); nothing is loaded. The 4-bit lm_head is GPTQ-packed like a block Linear ([V, D], g128, sym), the
+embedding stays bf16. Run: `python bench/vllm_headline.py [--vram-gib 24]`; bench/RESULTS.md and README quote its
+output.
 """
 
 import argparse
 
-from inf_quant.fit_vllm import VllmSettings, fit_shapes, what_fits
+from inf_quant.evaluate.fit_vllm import VllmSettings, fit_shapes, what_fits
 
 D, I, L, V, HEADS, KV_HEADS, HEAD_DIM, G = 8192, 22016, 48, 96512, 64, 8, 128, 128
 CONFIG = dict(model_type="inflm", hidden_size=D, intermediate_size=I, num_hidden_layers=L, num_attention_heads=HEADS,

@@ -4,6 +4,12 @@ Importing the package registers the `inflm` architecture and INFLMTokenizer with
 `AutoModelForCausalLM.from_pretrained(dir)` works for INF checkpoints without remote code. The registration runs
 as soon as transformers is imported (at once if it already is), so `import inf_quant` itself stays light: the CLI
 answers `--help` and argument or pre-flight errors without importing torch or transformers.
+
+The folders are the pipeline's stages, in order: models/ (INF's modeling files), core/ (recipe, errors, paths,
+hashes), read/ (the input checkpoint), data/ (calibration tokens), quant/ (the math), engine/ (the math over one
+layer), save/ (the output directory), evaluate/ (what verify measures); each imports only the ones before it. At
+the top are the commands that run them: preflight.py, pipeline.py (quantize), verify.py, export.py, release.py, and
+the CLI (cli.py, cli_args.py, console.py).
 """
 
 import importlib.abc

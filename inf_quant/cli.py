@@ -30,7 +30,7 @@ class _Progress:
             return
         from tqdm import tqdm
 
-        from .memory import gib
+        from .engine.memory import gib
 
         if self.bar is None:
             self.bar = tqdm(total=total, desc="layers", unit="layer", file=sys.stderr, dynamic_ncols=True)
@@ -57,7 +57,7 @@ class _PhaseProgress:
             return
         from tqdm import tqdm
 
-        from .memory import gib, rss_bytes
+        from .engine.memory import gib, rss_bytes
 
         if phase != self.phase:
             if self.bar is not None:
@@ -75,7 +75,7 @@ class _PhaseProgress:
 def _quantize(args) -> int:
     from . import preflight
 
-    from .lock import output_lock
+    from .save.lock import output_lock
 
     t0 = time.monotonic()
     recipe = recipe_from_args(args)
@@ -104,17 +104,17 @@ def _verify(args) -> int:
 
 
 def _fit(args) -> int:
-    from .errors import ConfigError
+    from .core.errors import ConfigError
 
     if args.engine == "transformers":
-        from .fit import fit_checkpoint
+        from .evaluate.fit import fit_checkpoint
 
         if args.kv_dtype == "auto":
             raise ConfigError("--kv-dtype auto is vLLM's; with --engine transformers pass fp16, bf16 or fp8")
         report = fit_checkpoint(args.model, args.vram_gib, args.context, args.batch, args.kv_dtype or "fp16")
         print(json.dumps(report.to_dict(), sort_keys=True) if args.json else report.to_text())
         return 0 if report.fits else 1
-    from .fit_vllm import VllmSettings, answer
+    from .evaluate.fit_vllm import VllmSettings, answer
 
     kv = "auto" if args.kv_dtype in (None, "fp16", "bf16") else args.kv_dtype  # vLLM's cache: the model dtype or fp8
     settings = VllmSettings(args.gpu_memory_utilization, kv, args.enforce_eager, args.max_num_batched_tokens,
@@ -125,8 +125,8 @@ def _fit(args) -> int:
 
 
 def _release(args) -> int:
-    from .config import Layout
-    from .errors import ConfigError
+    from .core.config import Layout
+    from .core.errors import ConfigError
     from .release import check, release
 
     if args.check:
@@ -149,7 +149,7 @@ def _export(args) -> int:
 
     preflight.for_export(args.src, args.out, args.force)
 
-    from .config import Layout
+    from .core.config import Layout
     from .export import export_layout
 
     report = export_layout(args.src, args.out, Layout(args.layout), args.force)
@@ -181,7 +181,7 @@ def _oom_advice(args) -> str:
 
 
 def _run(args, argv) -> int:
-    from .errors import InfQuantError, Terminated, is_oom
+    from .core.errors import InfQuantError, Terminated, is_oom
 
     try:
         return COMMANDS[args.command](args)

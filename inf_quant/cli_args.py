@@ -12,8 +12,8 @@ import argparse
 from dataclasses import fields
 
 from . import __version__
-from .config import AWQConfig, CalibConfig, GPTQConfig, Method, Recipe, RunConfig, parse_device
-from .errors import ConfigError
+from .core.config import AWQConfig, CalibConfig, GPTQConfig, Method, Recipe, RunConfig, parse_device
+from .core.errors import ConfigError
 
 EXAMPLES = """examples:
   inf-quant gptq --bits 4                           # the bundled model -> out/inf-tiny-gptq-w4g128
@@ -278,7 +278,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """--recipe FILE (else the defaults) for this command, with the flags given on the command line applied."""
-    from .recipe_file import load_recipe
+    from .core.recipe_file import load_recipe
 
     method = Method(args.command)
     recipe = load_recipe(args.recipe) if args.recipe else Recipe(method=method)
@@ -294,7 +294,7 @@ def _given(**kw) -> dict:
 
 
 def verify_config_from_args(args):
-    from .config import Device, Gates, VerifyConfig
+    from .core.config import Device, Gates, VerifyConfig
 
     return VerifyConfig(quantized=args.quantized, baseline=args.baseline or "bundled",
                         trust_remote_code=args.trust_remote_code,

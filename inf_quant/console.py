@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .hashing import default_cache_root
+from .core.hashing import default_cache_root
 
 NOISY = ("torch", "torch.utils._pytree", "torchao", "transformers", "gptqmodel", "logbar", "optimum", "accelerate",
          "huggingface_hub", "urllib3", "tokenizers", "device_smi", "datasets", "defuser")
@@ -99,7 +99,7 @@ def sigterm_as_interrupt():
     import signal
     import threading
 
-    from .errors import Terminated
+    from .core.errors import Terminated
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CheckedCheckpoint
-from .config import Layout
-from .errors import CheckpointError, ConfigError
-from .fast_tokenizer import FAST_TOKENIZER_FILE
-from .layout import check_layout
-from .load import Checkpoint, open_checkpoint
-from .output import apply_layout, replace_dir
+from .core.config import Layout
+from .core.errors import CheckpointError, ConfigError
+from .data.fast_tokenizer import FAST_TOKENIZER_FILE
+from .evaluate.report import VERIFY_OUTPUTS
 from .preflight import check_quantized_head
-from .report import VERIFY_OUTPUTS
-from .write import MODELING_FILES, write_json
+from .read.checkpoint import CheckedCheckpoint
+from .read.layout import check_layout
+from .read.load import Checkpoint, open_checkpoint
+from .save.output import apply_layout, replace_dir
+from .save.write import MODELING_FILES, write_json
 
 log = logging.getLogger(__name__)
 

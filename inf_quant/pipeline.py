@@ -22,23 +22,25 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import output, preflight
-from .awq_block import awq_block, scale_summary, smooth_block
-from .calibrate import calibration_files, document_ids, sample_windows
-from .config import Method, Recipe, Smooth
-from .context import BlockResult, Context, LayerResult
-from .device import resolve_device
-from .errors import CheckpointError, ConfigError
-from .forward import forward_all
-from .gptq_block import gptq_block, set_weight
-from .hashing import files_sha256
-from .head import HEAD, quantize_head
-from .layout import check_layout
-from .load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
-from .lock import output_lock
-from .memory import MEMORY_MARGIN, Expected, PeakMemory, available_bytes, expected_quantize_peak, gib, largest_fitting
-from .qformat import from_tensors
-from .tokenizer import load_tokenizer
+from . import preflight
+from .core.config import Method, Recipe, Smooth
+from .core.errors import CheckpointError, ConfigError
+from .core.hashing import files_sha256
+from .data.calibrate import calibration_files, document_ids, sample_windows
+from .data.tokenizer import load_tokenizer
+from .engine.awq_block import awq_block, scale_summary, smooth_block
+from .engine.context import BlockResult, Context, LayerResult
+from .engine.device import resolve_device
+from .engine.forward import forward_all
+from .engine.gptq_block import gptq_block, set_weight
+from .engine.head import HEAD, quantize_head
+from .engine.memory import (MEMORY_MARGIN, Expected, PeakMemory, available_bytes, expected_quantize_peak, gib,
+                            largest_fitting)
+from .quant.qformat import from_tensors
+from .read.layout import check_layout
+from .read.load import Checkpoint, LayerReader, embed_ids, hf_config, open_checkpoint, rotary, skeleton
+from .save import output
+from .save.lock import output_lock
 
 log = logging.getLogger(__name__)
 

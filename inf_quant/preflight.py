@@ -27,12 +27,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckedCheckpoint, check_checkpoint, check_tensors
-from .config import resolve_group_size
-from .errors import CheckpointError, ConfigError
-from .layermap import LayerMap, layer_map_for
-from .outdir import check_disk, check_output, check_release_dir
-from .paths import default_out_dir, resolve_model_path
+from .core.config import resolve_group_size
+from .core.errors import CheckpointError, ConfigError
+from .core.paths import default_out_dir, resolve_model_path
+from .read.checkpoint import CheckedCheckpoint, check_checkpoint, check_tensors
+from .read.layermap import LayerMap, layer_map_for
+from .save.outdir import check_disk, check_output, check_release_dir
 
 
 def estimate_output_bytes(ck: CheckedCheckpoint, lmap: LayerMap, method: str, bits: int,
@@ -103,7 +103,7 @@ class QuantizePlan:
 
 
 def _calib_files(source: str) -> tuple[tuple[Path, ...], bool]:
-    from .calibrate import MIXES, calibration_files
+    from .data.calibrate import MIXES, calibration_files
 
     return calibration_files(source), source not in MIXES
 
@@ -125,7 +125,7 @@ def check_quantized_head(config: dict, layout: str, what: str) -> None:
 
 def for_quantize(recipe) -> QuantizePlan:
     """Everything a gptq/awq run needs checked before it starts (module docstring)."""
-    from .calibrate import check_text_file
+    from .data.calibrate import check_text_file
 
     model_dir = resolve_model_path(recipe.model.path)
     ck = check_checkpoint(model_dir, recipe.model.allow_pickle, what="--model")
@@ -158,7 +158,7 @@ class VerifyPlan:
 
 def for_verify(cfg) -> VerifyPlan:
     """verify: the quantized checkpoint and its baseline parse, the eval text is usable."""
-    from .calibrate import check_text_file, resolve_text_file
+    from .data.calibrate import check_text_file, resolve_text_file
 
     q = check_checkpoint(cfg.quantized, bf16_input=False, what="quantized checkpoint")
     if "quantization_config" not in q.config:
@@ -184,7 +184,7 @@ def for_export(src: str, out: str, force: bool) -> CheckedCheckpoint:
 
 def for_release(recipes: list, out: str) -> Path:
     """release: every recipe's model and calibration, and the release directory (which may exist: --resume)."""
-    from .calibrate import check_text_file
+    from .data.calibrate import check_text_file
 
     inputs, seen = {}, {}
     for r in recipes:

@@ -22,19 +22,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .config import Layout, Recipe
 from . import preflight
-from .errors import ConfigError, resumable
-from .hashing import cache_root, checkpoint_sha256, file_sha256
-from .lock import output_lock
-from .load import open_checkpoint
-from .output import git_commit, public_recipe, replace_dir
-from .paths import resolve_model_path
+from .core.config import Layout, Recipe
+from .core.errors import ConfigError, resumable
+from .core.hashing import cache_root, checkpoint_sha256, file_sha256
+from .core.paths import resolve_model_path
+from .core.recipe_file import load_recipe
+from .evaluate.verify_report import VerifyReport
 from .pipeline import quantize
-from .recipe_file import load_recipe
+from .read.load import open_checkpoint
+from .save.lock import output_lock
+from .save.output import git_commit, public_recipe, replace_dir
+from .save.write import write_json
 from .verify import verify, versions
-from .verify_report import VerifyReport
-from .write import write_json
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

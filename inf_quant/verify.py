@@ -18,25 +18,25 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .baseline import baseline_stats
-from .calibrate import eval_windows, read_records, resolve_text_file, token_stream
-from .config import Gates, VerifyConfig
-from .device import resolve_device
-from .errors import CheckpointError, ConfigError
-from .fit import checkpoint_bytes, fit_checkpoint
-from .fit_vllm import VllmSettings, fit_checkpoint_vllm
-from .hashing import file_sha256
-from .layout import architecture
-from .load import open_checkpoint
-from .memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
-from .metrics import kl_topk, summarize, top1_agreement
-from .paths import resolve_model_path
+from .core.config import Gates, VerifyConfig
+from .core.errors import CheckpointError, ConfigError
+from .core.hashing import file_sha256
+from .core.paths import resolve_model_path
+from .data.calibrate import eval_windows, read_records, resolve_text_file, token_stream
+from .data.tokenizer import load_tokenizer
+from .engine.device import resolve_device
+from .engine.memory import LOGIT_CHUNK_BYTES, MEMORY_MARGIN, PeakMemory, available_bytes, expected_verify_peak, gib
+from .evaluate.baseline import baseline_stats
+from .evaluate.fit import checkpoint_bytes, fit_checkpoint
+from .evaluate.fit_vllm import VllmSettings, fit_checkpoint_vllm
+from .evaluate.metrics import kl_topk, summarize, top1_agreement
+from .evaluate.report import VERIFY_OUTPUTS, write_report
+from .evaluate.verify_report import (Backend, Baseline, DomainMetrics, EvalSet, Gate, QuantizedModel, VerifyReport,
+                                     Vram)
 from .preflight import VerifyPlan
-from .report import VERIFY_OUTPUTS, write_report
-from .tokenizer import load_tokenizer
-from .verify_report import (Backend, Baseline, DomainMetrics, EvalSet, Gate, QuantizedModel, VerifyReport,
-                            Vram)
-from .write import write_json
+from .read.layout import architecture
+from .read.load import open_checkpoint
+from .save.write import write_json
 
 log = logging.getLogger(__name__)
 ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -241,7 +241,7 @@ def main() -> None:
             s["chars"] += len(r["text"]) if "text" in r else sum(len(m["content"]) for m in r["messages"])
         manifest[name] = {"file": sub, "sha256": sha, "records": len(rows), "sources": by}
         print(f"{name}: {len(rows)} records, {len(data[sub])} bytes, sha256 {sha[:16]}")
-    # calibration.sha256 of each bundled mix (inf_quant.calibrate.MIXES): its files' bytes one after another
+    # calibration.sha256 of each bundled mix (inf_quant.data.calibrate.MIXES): its files' bytes one after another
     mixes = {"bundled": ["calibration/calib.jsonl"], "bundled-chat": ["calibration/chat.jsonl"],
              "bundled-mix": ["calibration/calib.jsonl", "calibration/chat.jsonl"]}
     manifest["mixes"] = {k: hashlib.sha256(b"".join(data[f] for f in fs)).hexdigest() for k, fs in mixes.items()}

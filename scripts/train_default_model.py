@@ -27,12 +27,13 @@ from tokenizers import Regex
 from tokenizers.pre_tokenizers import Split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inf_quant import paths  # noqa: E402
+from inf_quant.core import paths  # noqa: E402
+from inf_quant.data.calibrate import eval_windows  # noqa: E402
 from inf_quant.models.configuration_inflm import INFLMConfig  # noqa: E402
 from inf_quant.models.modeling_inflm import INFLMForCausalLM  # noqa: E402
 from inf_quant.models.tokenization_inflm import PATTERN, INFLMTokenizer  # noqa: E402
-from inf_quant.calibrate import eval_windows  # noqa: E402
-from inf_quant.write import INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, copy_modeling_files, save_sharded, write_json  # noqa: E402
+from inf_quant.save.write import (INFLM_AUTO_MAP, INFLM_TOKENIZER_AUTO_MAP, copy_modeling_files,  # noqa: E402
+                                  save_sharded, write_json)
 
 CHAT_TOKENS = ["<|start|>", "<|end|>", "<|message|>"]
 CHAT_TEMPLATE = (

@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inf_quant import awq_block as block_mod
-from inf_quant.awq_block import capture_group_inputs, module_output_loss, scale_summary, search_samples
-from inf_quant.config import AWQConfig, ScaleForms, WeightSolve
-from inf_quant.layermap import LAYER_MAPS
-from inf_quant.errors import ConfigError, NumericalError
+from inf_quant.core.config import AWQConfig, ScaleForms, WeightSolve
+from inf_quant.core.errors import ConfigError, NumericalError
+from inf_quant.engine import awq_block as block_mod
+from inf_quant.engine.awq_block import capture_group_inputs, module_output_loss, scale_summary, search_samples
 from inf_quant.quant import awq
 from inf_quant.quant.awq import (
     activation_stats, apply_clip, can_fold_into_linear, fold_scale_into_linear_outputs,
     fold_index, fold_scale_into_norm, linear_output_loss, scale_candidates, scale_linear_inputs, search_clip, search_scale,
     weight_stats,
 )
+from inf_quant.read.layermap import LAYER_MAPS
 from tolerances import GRID_HALF_STEP_SLACK, assert_close
 
 # AWQ-specific tolerances stay here (tests/tolerances.py is shared and owned elsewhere).
@@ -473,7 +473,7 @@ def test_scale_summary_aggregates_over_layers():
 @torch.no_grad()
 def test_folding_every_group_keeps_the_layer_output(model_type):
     """All four searched scales folded (LayerNorm + bias / RMSNorm, GQA v -> o, up -> down), nothing quantized."""
-    from inf_quant.forward import run_block
+    from inf_quant.engine.forward import run_block
 
     block, hidden, rope, xs, kwargs = _captured(54, model_type)
     expected = run_block(block, hidden, rope)
@@ -487,9 +487,9 @@ def test_the_awq_format_refuses_codes_whose_groups_are_not_i_over_g():
     """--solve gptq writes GPTQ codes in the AWQ gemm format, which has no g_idx: only g_idx = i // G may pass."""
     import torch
 
-    from inf_quant.config import Method
-    from inf_quant.qformat import to_tensors
+    from inf_quant.core.config import Method
     from inf_quant.quant.grid import QuantizedWeight
+    from inf_quant.quant.qformat import to_tensors
 
     n, k, g = 8, 64, 32
     q = QuantizedWeight(codes=torch.zeros(n, k, dtype=torch.uint8), scale=torch.ones(n, k // g),

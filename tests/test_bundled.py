@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import cli, run_clean
-from inf_quant.paths import DEFAULT_MODEL, REPO_ROOT
+from inf_quant.core.paths import DEFAULT_MODEL, REPO_ROOT
 from tolerances import BUNDLED_PPL_RTOL
 
 pytestmark = pytest.mark.slow  # the bundled model's layer-streamed perplexity and its quantized release's accuracy
@@ -37,12 +37,12 @@ def test_saved_like_inf34b():
 
 def test_a_real_language_model_far_below_unigram():
     """Recompute the eval perplexity (bf16 weights, fp32 arithmetic, layer-streamed) and compare."""
-    from inf_quant.baseline import streamed_logprobs
-    from inf_quant.calibrate import eval_windows, read_records
-    from inf_quant.load import open_checkpoint
-    from inf_quant.metrics import perplexity
-    from inf_quant.paths import EVAL
-    from inf_quant.tokenizer import load_tokenizer
+    from inf_quant.core.paths import EVAL
+    from inf_quant.data.calibrate import eval_windows, read_records
+    from inf_quant.data.tokenizer import load_tokenizer
+    from inf_quant.evaluate.baseline import streamed_logprobs
+    from inf_quant.evaluate.metrics import perplexity
+    from inf_quant.read.load import open_checkpoint
 
     seqlen = int(TRAINING["args"]["seqlen"])
     # the training script scores consecutive windows of seqlen+1 tokens; here windows of seqlen+1 as well
@@ -100,7 +100,7 @@ def test_verify_fails_a_damaged_checkpoint_naming_the_gate(ci_release, tmp_path,
     shutil.copytree(out / "inf-tiny-gptq-w4g128", bad)
     from safetensors.torch import load_file
 
-    from inf_quant.write import save_file
+    from inf_quant.save.write import save_file
 
     for shard in bad.glob("*.safetensors"):
         t = {k: v.clone() for k, v in load_file(shard).items()}  # not views of the file we overwrite
@@ -115,8 +115,8 @@ def test_verify_fails_a_damaged_checkpoint_naming_the_gate(ci_release, tmp_path,
 
 def test_shipped_code_files_match_the_package():
     """The bundled checkpoint carries inf-quant's modeling/tokenizer files verbatim (they must not drift)."""
-    from inf_quant.paths import MODELING_DIR
-    from inf_quant.write import MODELING_FILES
+    from inf_quant.core.paths import MODELING_DIR
+    from inf_quant.save.write import MODELING_FILES
 
     for name in MODELING_FILES:
         assert (DEFAULT_MODEL / name).read_bytes() == (MODELING_DIR / name).read_bytes(), name

@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 
-from inf_quant.calibrate import calibration_files, document_ids, sample_windows, window_starts
-from inf_quant.errors import ConfigError
+from inf_quant.core.errors import ConfigError
+from inf_quant.data.calibrate import calibration_files, document_ids, sample_windows, window_starts
 
-LOGGER = "inf_quant.calibrate"
+LOGGER = "inf_quant.data.calibrate"
 
 
 def position_docs(lengths: list[int]) -> list[list[int]]:
@@ -125,8 +125,8 @@ def test_chat_records_get_the_templates_ids_once_with_special_tokens(tmp_path):
 
 
 def test_chat_records_with_the_bundled_models_inf_template(tmp_path):
-    from inf_quant.paths import DEFAULT_MODEL
-    from inf_quant.tokenizer import load_tokenizer
+    from inf_quant.core.paths import DEFAULT_MODEL
+    from inf_quant.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(DEFAULT_MODEL)
     msgs = [{"role": "user", "content": "什么是行？"}, {"role": "assistant", "content": "设置行高。\n\nRows."}]
@@ -164,8 +164,8 @@ def test_chat_record_without_a_chat_template(tmp_path):
 
 
 def test_calibration_sources(tmp_path):
-    from inf_quant.calibrate import CHAT as CHAT_FILE
-    from inf_quant.paths import CALIBRATION
+    from inf_quant.core.paths import CALIBRATION
+    from inf_quant.data.calibrate import CHAT as CHAT_FILE
 
     assert calibration_files("bundled") == (CALIBRATION,)
     assert calibration_files("bundled-chat") == (CHAT_FILE,)

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from inf_quant.calibrate import CHAT, MIXES, document_ids, window_starts
-from inf_quant.hashing import files_sha256
-from inf_quant.paths import CALIBRATION, DEFAULT_MODEL, EVAL, REPO_ROOT
-from inf_quant.tokenizer import load_tokenizer
+from inf_quant.core.hashing import files_sha256
+from inf_quant.core.paths import CALIBRATION, DEFAULT_MODEL, EVAL, REPO_ROOT
+from inf_quant.data.calibrate import CHAT, MIXES, document_ids, window_starts
+from inf_quant.data.tokenizer import load_tokenizer
 
 
 def rows(path):

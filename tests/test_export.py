@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 
 from helpers import cli, run_clean, tree_hashes
-from inf_quant.fit import fit_checkpoint
-from inf_quant.paths import CALIBRATION, DEFAULT_MODEL, EVAL
-from inf_quant.tokenizer import load_tokenizer
+from inf_quant.core.paths import CALIBRATION, DEFAULT_MODEL, EVAL
+from inf_quant.data.tokenizer import load_tokenizer
+from inf_quant.evaluate.fit import fit_checkpoint
 from tiny import build_tiny_checkpoint
 from tolerances import LAYOUT_LOGITS_ATOL
 
@@ -236,8 +236,8 @@ def test_settings_stablelm_cannot_express_are_refused_before_any_work(tmp_path, 
 def test_a_head_dim_stablelm_cannot_derive_is_refused():
     """StableLM derives head_dim as hidden_size / num_attention_heads: an explicit one equal to that is carried
     over, any other is refused by name (layermap.head_dim is the one derivation)."""
-    from inf_quant.errors import ConfigError
-    from inf_quant.layout import stablelm_config
+    from inf_quant.core.errors import ConfigError
+    from inf_quant.read.layout import stablelm_config
 
     cfg = {"model_type": "inflm", "hidden_size": 64, "num_attention_heads": 8, "rope_theta": 10000.0}
     assert stablelm_config({**cfg, "head_dim": 8}, "m")["model_type"] == "stablelm"

@@ -14,11 +14,11 @@ import sys
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from inf_quant.errors import CheckpointError
-from inf_quant.fast_tokenizer import (check_convertible, fast_tokenizer, fast_tokenizer_config, fast_tokenizer_json,
-                                      read_spm, write_fast_tokenizer)
-from inf_quant.paths import CALIBRATION, DEFAULT_MODEL, EVAL
-from inf_quant.tokenizer import load_tokenizer
+from inf_quant.core.errors import CheckpointError
+from inf_quant.core.paths import CALIBRATION, DEFAULT_MODEL, EVAL
+from inf_quant.data.fast_tokenizer import (check_convertible, fast_tokenizer, fast_tokenizer_config,
+                                           fast_tokenizer_json, read_spm, write_fast_tokenizer)
+from inf_quant.data.tokenizer import load_tokenizer
 
 ADVERSARIAL = [
     "", " ", "  ", "\n", "\t", "   \n\n  \t ", " " * 300, "\n" * 50, "\r\n\r\nwindows\r\nline endings\r",
@@ -114,8 +114,8 @@ def test_transformers_loads_it_with_inf_behaviour(tmp_path, slow):
 
 
 def test_tokenizer_json_is_the_same_bytes_in_another_process(slow):
-    code = ("import hashlib\nfrom inf_quant.fast_tokenizer import fast_tokenizer_json\n"
-            "from inf_quant.tokenizer import load_tokenizer\nfrom inf_quant.paths import DEFAULT_MODEL\n"
+    code = ("import hashlib\nfrom inf_quant.data.fast_tokenizer import fast_tokenizer_json\n"
+            "from inf_quant.data.tokenizer import load_tokenizer\nfrom inf_quant.core.paths import DEFAULT_MODEL\n"
             "print(hashlib.sha256(fast_tokenizer_json(load_tokenizer(DEFAULT_MODEL)).encode()).hexdigest())\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -5,9 +5,9 @@ import struct
 
 import pytest
 
-from inf_quant.errors import CheckpointError, ConfigError
-from inf_quant.fit import (CUDA_CONTEXT_BYTES, FRAGMENTATION_PERCENT, GIB, fit_checkpoint, fit_from_shapes,
-                           max_context, memory_model, total_bytes)
+from inf_quant.core.errors import CheckpointError, ConfigError
+from inf_quant.evaluate.fit import (CUDA_CONTEXT_BYTES, FRAGMENTATION_PERCENT, GIB, fit_checkpoint, fit_from_shapes,
+                                    max_context, memory_model, total_bytes)
 from tolerances import EXACT, INF34B_WEIGHTS_GB_ATOL
 
 GB = 10**9

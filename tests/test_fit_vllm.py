@@ -6,9 +6,10 @@ import json
 import pytest
 
 from helpers import cli
-from inf_quant.errors import ConfigError
-from inf_quant.fit_vllm import (BLOCK_TOKENS, CUDAGRAPH_BYTES, LADDER, NCCL_BYTES, NON_TORCH_BYTES,
-                                SAMPLER_BYTES_PER_LOGIT, VllmSettings, fit_checkpoint_vllm, fit_shapes, what_fits)
+from inf_quant.core.errors import ConfigError
+from inf_quant.evaluate.fit_vllm import (BLOCK_TOKENS, CUDAGRAPH_BYTES, LADDER, NCCL_BYTES, NON_TORCH_BYTES,
+                                         SAMPLER_BYTES_PER_LOGIT, VllmSettings, fit_checkpoint_vllm, fit_shapes,
+                                         what_fits)
 from test_fit import INF34B, expected_weights, inf34b, inf34b_tensors, nbytes
 
 GIB = 2**30

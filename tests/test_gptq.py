@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from inf_quant.config import GPTQConfig, Order
-from inf_quant.errors import ConfigError, NumericalError
+from inf_quant.core.config import GPTQConfig, Order
+from inf_quant.core.errors import ConfigError, NumericalError
 from inf_quant.quant.gptq import gptq_quantize, hessian_add_, hessian_finish_
 from inf_quant.quant.grid import dequantize, dequantize_weight, qparams, quantize, rtn_quantize, search_qparams
 from tolerances import (EXACT, GPTQ_LOSS_RTOL, GPTQ_MIN_GAIN_OVER_RTN, GPTQ_VS_REF_ATOL, GPTQ_VS_REF_RTOL,

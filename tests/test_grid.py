@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from inf_quant.errors import ConfigError
+from inf_quant.core.errors import ConfigError
 from inf_quant.quant.grid import dequantize_weight, expand_groups, qparams, quantize, rtn_quantize
 from tolerances import EXACT, GRID_HALF_STEP_SLACK, assert_close
 

@@ -2,7 +2,8 @@
 
 A function-level import keeps a cycle from failing at import time, not from being a cycle: the modules still
 cannot be read, tested or moved one without the other. This parses every module under inf_quant/ with `ast`
-(module level and function bodies, relative imports resolved) and fails on any cycle, printing it.
+(module level and function bodies, relative imports resolved) and fails on any cycle, printing it, and on any
+import by a folder of a later folder in the pipeline's order (STAGES) or of a top-level command.
 """
 
 from __future__ import annotations
@@ -77,8 +78,34 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "inf_quant.pipeline" in graph["inf_quant.cli"]  # imported inside a function, `from .pipeline import`
-    assert "inf_quant.config" in graph["inf_quant.quant.gptq"]  # `from ..config import`
-    assert "inf_quant.preflight" in graph["inf_quant.pipeline"]  # `from . import output, preflight`
+    assert "inf_quant.core.config" in graph["inf_quant.quant.gptq"]  # `from ..core.config import`
+    assert "inf_quant.preflight" in graph["inf_quant.pipeline"]  # `from . import preflight`
+    assert "inf_quant.save.output" in graph["inf_quant.pipeline"]  # `from .save import output`
+
+
+# The folders of inf_quant/ in pipeline order (README's table): each imports only those before it, and none imports
+# a top-level module (the commands: pipeline, verify, release, ...) other than the package itself (__version__).
+STAGES = ("models", "core", "read", "data", "quant", "engine", "save", "evaluate")
+
+
+def stage(module: str) -> str | None:
+    """The folder a module sits in (inf_quant.read.load -> "read"), or None for a top-level module."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else None
+
+
+def test_each_folder_imports_only_the_folders_before_it():
+    folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert folders == set(STAGES), f"folders missing from or extra in STAGES: {sorted(folders ^ set(STAGES))}"
+    wrong = []
+    for name, edges in sorted(import_graph().items()):
+        if (s := stage(name)) is None:
+            continue
+        for e in sorted(edges):
+            t = stage(e)
+            if (t is None and e != "inf_quant") or (t is not None and STAGES.index(t) > STAGES.index(s)):
+                wrong.append(f"{name} -> {e}")
+    assert not wrong, "imports against the pipeline order:\n" + "\n".join(wrong)
 
 
 def test_find_cycle_reports_a_cycle():

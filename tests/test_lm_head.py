@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import cli, run_clean
-from inf_quant.config import GPTQConfig, Method
-from inf_quant.head import head_hessian, solve_head
-from inf_quant.paths import DEFAULT_MODEL
-from inf_quant.qformat import from_tensors
+from inf_quant.core.config import GPTQConfig, Method
+from inf_quant.core.paths import DEFAULT_MODEL
+from inf_quant.engine.head import head_hessian, solve_head
 from inf_quant.quant.grid import dequantize_weight, rtn_quantize
+from inf_quant.quant.qformat import from_tensors
 from tiny import build_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # quantizes with --lm-head and loads the result in fresh interpreters (~1 min)

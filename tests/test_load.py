@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import inf_quant  # noqa: F401
-from inf_quant.errors import CheckpointError
-from inf_quant.load import hf_config, load_block, load_named, open_checkpoint, skeleton
+from inf_quant.core.errors import CheckpointError
+from inf_quant.read.load import hf_config, load_block, load_named, open_checkpoint, skeleton
 from tiny import build_tiny_checkpoint
 
 
@@ -37,7 +37,7 @@ def test_streamed_layers_equal_full_load(tiny_ckpt):
 
 def _spy_reads(monkeypatch):
     """Record every tensor name the loader reads from a shard (host reads: read_safetensors)."""
-    import inf_quant.load as load
+    import inf_quant.read.load as load
 
     asked, real = [], load.read_safetensors
 
@@ -62,8 +62,8 @@ def test_layer_reads_touch_only_that_layer(tiny_ckpt, monkeypatch):
 def test_a_checked_checkpoint_is_read_without_parsing_a_header_again(tiny_ckpt, monkeypatch):
     """check_checkpoint (pre-flight) parses each shard's header once; a Checkpoint opened from its result sizes
     tensors and reads layers at the offsets it holds, with no header parsed again."""
-    import inf_quant.checkpoint as checkpoint
-    import inf_quant.load as load
+    import inf_quant.read.checkpoint as checkpoint
+    import inf_quant.read.load as load
 
     parsed, real = [], checkpoint.read_header
 
@@ -90,8 +90,8 @@ def test_plain_reads_give_safe_opens_bytes(tmp_path):
     every dtype and shape (0-d and empty included); a truncated shard is named, not read short."""
     from safetensors import safe_open
 
-    from inf_quant.load import read_safetensors
-    from inf_quant.write import save_file
+    from inf_quant.read.load import read_safetensors
+    from inf_quant.save.write import save_file
 
     g = torch.Generator().manual_seed(0)
     tensors = {"bf16": torch.randn(7, 33, generator=g).bfloat16(), "f32": torch.randn(5, generator=g),
@@ -116,8 +116,8 @@ def test_plain_reads_give_safe_opens_bytes(tmp_path):
 def test_layer_reader_reads_ahead_and_matches_load_block(tiny_ckpt, monkeypatch):
     """LayerReader gives load_block's modules; asking for layer i has started reading layer i + 1 (and no
     further); out of order is read on the spot; a failed read-ahead raises where its layer is asked for."""
-    import inf_quant.load as load
-    from inf_quant.load import LayerReader
+    import inf_quant.read.load as load
+    from inf_quant.read.load import LayerReader
 
     ckpt = open_checkpoint(tiny_ckpt)
     skel = skeleton(hf_config(ckpt))

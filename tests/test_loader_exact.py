@@ -24,12 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import run_clean
-from inf_quant.config import (CalibConfig, Device, GPTQConfig, Method, ModelConfig, Order, OutputConfig, Recipe,
-                              RunConfig)
-from inf_quant.pack import unpack_gptq_qzeros
-from inf_quant.paths import CALIBRATION
+from inf_quant.core.config import (CalibConfig, Device, GPTQConfig, Method, ModelConfig, Order, OutputConfig, Recipe,
+                                   RunConfig)
+from inf_quant.core.paths import CALIBRATION
 from inf_quant.pipeline import quantize
-from inf_quant.qformat import from_tensors
+from inf_quant.quant.pack import unpack_gptq_qzeros
+from inf_quant.quant.qformat import from_tensors
 from tiny import build_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # quantizes one checkpoint per GPTQ layout and loads them all through gptqmodel

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from inf_quant.memory import MEMORY_MARGIN
+from inf_quant.engine.memory import MEMORY_MARGIN
 from tiny import build_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # measures real runs' peak RSS in child processes (~3.5 min)

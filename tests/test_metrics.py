@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from inf_quant.metrics import kl_topk, perplexity, summarize, top1_agreement, topk_logprobs
+from inf_quant.evaluate.metrics import kl_topk, perplexity, summarize, top1_agreement, topk_logprobs
 from tolerances import KL_ATOL
 
 

@@ -4,9 +4,9 @@ layout, the public reference pack loops, fp16 scale checks, and shape errors."""
 import pytest
 import torch
 
-from inf_quant.errors import CheckpointError, ConfigError, NumericalError
-from inf_quant.pack import (fp16_checked, pack_awq, pack_gptq, unpack_awq_qweight, unpack_awq_qzeros,
-                            unpack_gptq_qweight, unpack_gptq_qzeros)
+from inf_quant.core.errors import CheckpointError, ConfigError, NumericalError
+from inf_quant.quant.pack import (fp16_checked, pack_awq, pack_gptq, unpack_awq_qweight, unpack_awq_qzeros,
+                                  unpack_gptq_qweight, unpack_gptq_qzeros)
 from tolerances import EXACT, FP16_RTOL, assert_close
 
 
@@ -173,7 +173,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_device_packer_is_bit_identical_to_the_int64_reference(bits, device):
     """pack_gptq / pack_awq now pack in int32 on the codes' device: the same words as the int64 host packer,
     top fields (the sign bit) included, and unpacking on the device inverts them."""
-    from inf_quant import pack
+    from inf_quant.quant import pack
 
     n, k, n_groups = 256, 384, 3
     codes, zero = _random(n, k, n_groups, bits, seed=bits)
@@ -200,8 +200,8 @@ def test_device_packer_is_bit_identical_to_the_int64_reference(bits, device):
 def test_from_tensors_is_bit_identical_to_the_gathered_formula(act_order, device):
     """from_tensors' in-place dequantization (a broadcast view for groups i // G, a gather for act-order g_idx)
     gives exactly (codes - zero[:, g_idx]) * scale[:, g_idx], on the tensors' device."""
-    from inf_quant.config import Method
-    from inf_quant.qformat import from_tensors
+    from inf_quant.core.config import Method
+    from inf_quant.quant.qformat import from_tensors
 
     n, k, g, bits = 64, 256, 32, 4
     codes, zero = _random(n, k, k // g, bits, seed=5)

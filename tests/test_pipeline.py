@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 from helpers import cli, run_clean, tree_hashes
-from inf_quant.config import AWQConfig, CalibConfig, GPTQConfig, Method, ModelConfig, Order, OutputConfig, Recipe
+from inf_quant.core.config import AWQConfig, CalibConfig, GPTQConfig, Method, ModelConfig, Order, OutputConfig, Recipe
+from inf_quant.evaluate.reference import load_dequantized
 from inf_quant.pipeline import quantize
-from inf_quant.reference import load_dequantized
 from tiny import build_tiny_checkpoint
 from tolerances import BACKEND_VS_REFERENCE_LOGITS_ATOL, PIPELINE_GPTQ_MIN_GAIN_OVER_RTN
 
@@ -91,7 +91,7 @@ def test_output_is_standard_awq_gemm(quantized):
     assert tensors[p + "scales"].get_shape() == [6, 64] and tensors[p + "scales"].get_dtype() == "F16"
     assert p + "g_idx" not in tensors
     # the scales were folded into the norms: they differ from the input's (weight, and bias for LayerNorm)
-    from inf_quant.load import open_checkpoint
+    from inf_quant.read.load import open_checkpoint
 
     src = open_checkpoint(model)
     for name in ["model.layers.0.input_layernorm.weight"] + (["model.layers.0.input_layernorm.bias"]
@@ -161,7 +161,7 @@ def _recipe(model, out, method="gptq", resume=False, **kw) -> Recipe:
 def test_unproven_cuda_paths_are_recipe_fields_in_one_spelling():
     """The opt-in CUDA paths are chosen in the recipe (recorded in the output and the resume fingerprint), never by
     the environment; their order does not change the recipe."""
-    from inf_quant.config import CudaPath, RunConfig, from_dict, to_dict
+    from inf_quant.core.config import CudaPath, RunConfig, from_dict, to_dict
 
     a = RunConfig(unproven_cuda=(CudaPath.GRAPH_COLUMNS, CudaPath.BF16_HESSIAN))
     b = from_dict(RunConfig, {"unproven_cuda": ["bf16-hessian", "graph-columns", "bf16-hessian"]}, "run")
@@ -206,7 +206,7 @@ def test_resume_after_interruption_gives_identical_bytes(tmp_path, inflm_ckpt, m
 def test_layer_writer_writes_behind_and_raises_its_failures(tmp_path, monkeypatch):
     """Finished layers are written on a background thread: the file holds what was saved, a failed write is
     raised at the next save (not lost), and leaving the writer waits for the write in flight."""
-    from inf_quant.output import LayerWriter, WorkDir
+    from inf_quant.save.output import LayerWriter, WorkDir
 
     work = WorkDir(tmp_path)
     t = {"a.qweight": torch.arange(12, dtype=torch.int32).reshape(3, 4), "a.scales": torch.ones(2, 4).half()}
@@ -231,7 +231,7 @@ def test_asymmetric_zero_point_of_zero_is_refused_not_written_broken(tmp_path, c
     model = build_tiny_checkpoint(tmp_path / "m", "llama")
     from safetensors.torch import load_file
 
-    from inf_quant.write import save_file
+    from inf_quant.save.write import save_file
 
     shard = next(p for p in model.glob("*.safetensors")
                  if "model.layers.0.mlp.up_proj.weight" in load_file(p))
@@ -289,8 +289,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path, inflm_ckpt, capsys, args, me
 def test_the_layer_halves_compose_to_the_whole_layer_exactly(tiny_ckpt):
     """gptq_block captures the MLP groups from the attention half's output instead of re-running attention;
     that is only the same math if the halves of LayerMap.halves are the layer, bit for bit."""
-    from inf_quant.load import hf_config, load_block, open_checkpoint, rotary, skeleton
-    from inf_quant.forward import run_block, run_half
+    from inf_quant.engine.forward import run_block, run_half
+    from inf_quant.read.load import hf_config, load_block, open_checkpoint, rotary, skeleton
 
     ck = open_checkpoint(tiny_ckpt)
     cfg = hf_config(ck)

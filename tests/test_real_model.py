@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from inf_quant.config import CalibConfig, Device, GPTQConfig, Method, ModelConfig, OutputConfig, Recipe, RunConfig
+from inf_quant.core.config import CalibConfig, Device, GPTQConfig, Method, ModelConfig, OutputConfig, Recipe, RunConfig
 from inf_quant.pipeline import quantize
-from inf_quant.qformat import from_tensors
 from inf_quant.quant.grid import dequantize_weight, rtn_quantize
+from inf_quant.quant.qformat import from_tensors
 from tolerances import REAL_MODEL_MAX_RISE_VS_RTN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

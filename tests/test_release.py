@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.calibrate import calibration_files
-from inf_quant.hashing import file_sha256, files_sha256
-from inf_quant.config import Order
-from inf_quant.recipe_file import load_recipe
-from inf_quant.errors import ConfigError
-from inf_quant.paths import CALIBRATION, REPO_ROOT
+from inf_quant.core.config import Order
+from inf_quant.core.errors import ConfigError
+from inf_quant.core.hashing import file_sha256, files_sha256
+from inf_quant.core.paths import CALIBRATION, REPO_ROOT
+from inf_quant.core.recipe_file import load_recipe
+from inf_quant.data.calibrate import calibration_files
 from inf_quant.release import release
 from tiny import build_tiny_checkpoint
 from tolerances import RELEASE_TINY_MAX_KL, RELEASE_TINY_MAX_PPL_INCREASE_PCT, RELEASE_TINY_MIN_TOP1
@@ -198,7 +198,7 @@ def test_recipes_choose_the_layout_and_the_manifest_records_it(tmp_path, recipes
     d = tmp_path / "recipes"
     d.mkdir()
     (d / "tiny-gptq.yaml").write_text((recipes / "tiny-gptq.yaml").read_text() + "output: {serve_as: stablelm}\n")
-    from inf_quant.config import Layout
+    from inf_quant.core.config import Layout
 
     assert load_recipe(d / "tiny-gptq.yaml").output.serve_as is Layout.STABLELM
     (d / "bad.yaml").write_text("output: {serve_as: vllm}\n")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from inf_quant.errors import InfQuantError
-from inf_quant.report import PPL_PNG, VRAM_PNG, diff_pct, ordered_domains, signed_pct, write_report
-from inf_quant.verify_report import VerifyReport
+from inf_quant.core.errors import InfQuantError
+from inf_quant.evaluate.report import PPL_PNG, VRAM_PNG, diff_pct, ordered_domains, signed_pct, write_report
+from inf_quant.evaluate.verify_report import VerifyReport
 
 GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -195,8 +195,8 @@ def test_deterministic_across_processes(tmp_path):
     """A fresh interpreter, given the dict through JSON as verify.json would, writes identical bytes."""
     report = passing_report()
     (tmp_path / "verify.json").write_text(json.dumps(report))
-    code = ("import json, sys; from pathlib import Path; from inf_quant.report import write_report; "
-            "from inf_quant.verify_report import VerifyReport; "
+    code = ("import json, sys; from pathlib import Path; from inf_quant.evaluate.report import write_report; "
+            "from inf_quant.evaluate.verify_report import VerifyReport; "
             "write_report(VerifyReport.read(Path(sys.argv[1])), Path(sys.argv[2]))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "pdf"}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "verify.json"), str(tmp_path / "sub")],
@@ -226,7 +226,7 @@ def test_missing_matplotlib_names_the_fix(tmp_path, monkeypatch):
 
 def test_import_has_no_matplotlib_side_effects():
     """Importing the module neither imports matplotlib nor selects a backend."""
-    code = ("import sys, inf_quant.report, json; "
+    code = ("import sys, inf_quant.evaluate.report, json; "
             "print(json.dumps([m for m in sys.modules if m.split('.')[0] == 'matplotlib']))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
@@ -242,7 +242,7 @@ def test_percentages_that_round_to_zero_are_never_negative_zero():
 def test_verify_json_is_the_report_as_data(tmp_path):
     """VerifyReport.to_json() is what verify writes to verify.json, and from_json gives back the same report; a
     file that is not one is a ConfigError naming it."""
-    from inf_quant.errors import ConfigError
+    from inf_quant.core.errors import ConfigError
 
     d = passing_report()
     d["vram"] = {**d["vram"], "vllm": None, "verify": None}   # verify writes all four parts

@@ -8,9 +8,9 @@ import sentencepiece as spm
 from tokenizers import Regex
 from tokenizers.pre_tokenizers import Split
 
+from inf_quant.core.paths import DEFAULT_MODEL
+from inf_quant.data.tokenizer import load_tokenizer
 from inf_quant.models.tokenization_inflm import PATTERN, INFLMTokenizer
-from inf_quant.paths import DEFAULT_MODEL
-from inf_quant.tokenizer import load_tokenizer
 
 SAMPLES = [
     "Hello world, it's 2026!  Two  spaces\tand a tab.\n\nNew paragraph.",

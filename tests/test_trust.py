@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.lock import start_tick, lock_path, output_lock
-from inf_quant.errors import ConfigError
-from inf_quant.paths import REPO_ROOT
+from inf_quant.core.errors import ConfigError
+from inf_quant.core.paths import REPO_ROOT
+from inf_quant.save.lock import start_tick, lock_path, output_lock
 from tiny import build_tiny_checkpoint
 
 FAST = ("--group-size", "32", "--samples", "4", "--seqlen", "32", "-q")
@@ -472,7 +472,7 @@ def _fail_at_layer(t: Box, exc: BaseException, layer: int = 1) -> None:
 def _(t):
     m = t.model()
     assert cli(*_gptq(t, "--out", t.root / "q", model=m))[0] == 0  # a previous output: must survive untouched
-    import inf_quant.output as output
+    import inf_quant.save.output as output
 
     real, calls = output.save_file, []
 
@@ -488,7 +488,7 @@ def _(t):
 
 @case("read-only-mid-run", 2, "cannot write", "Read-only file system", "choose an output location you can write")
 def _(t):
-    import inf_quant.output as output
+    import inf_quant.save.output as output
 
     def save_file(tensors, path, metadata=None):
         raise OSError(errno.EROFS, "Read-only file system", str(path))

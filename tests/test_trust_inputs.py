@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.lock import lock_path
+from inf_quant.save.lock import lock_path
 from test_trust import FAST, Box, _gptq, _rewrite_shard, _shard, registrar, run_case, snapshot
 from tiny import build_tiny_checkpoint
 
@@ -331,7 +331,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_succeeds(tmp
 
 
 def test_relative_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
-    from inf_quant.recipe_file import load_recipe
+    from inf_quant.core.recipe_file import load_recipe
 
     d = tmp_path / "project" / "recipes"
     d.mkdir(parents=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from inf_quant.paths import REPO_ROOT
+from inf_quant.core.paths import REPO_ROOT
 from test_trust import FAST, Box, quantized_src, registrar, run_case, snapshot  # noqa: F401  (quantized_src: the shared fixture)
 
 
@@ -264,9 +264,9 @@ def test_the_refusal_advises_the_largest_samples_that_fit(tmp_path, monkeypatch,
     """The bundled model with --samples 100000 on a 23 GiB machine (expected 97.7 GiB): refused before any work,
     and the advised --samples is the largest whose expected peak is within what is available."""
     import inf_quant.pipeline as pipeline
-    from inf_quant.load import open_checkpoint
-    from inf_quant.memory import expected_quantize_peak
-    from inf_quant.paths import DEFAULT_MODEL
+    from inf_quant.core.paths import DEFAULT_MODEL
+    from inf_quant.engine.memory import expected_quantize_peak
+    from inf_quant.read.load import open_checkpoint
 
     avail = 23 * 2**30
     monkeypatch.setattr(pipeline, "available_bytes", lambda device: (avail, "a 23 GiB machine"))

@@ -20,10 +20,10 @@ import pytest
 from helpers import cli
 from inf_quant import cli as cli_mod
 from inf_quant.cli_args import SECTIONS, build_parser, overrides_from, recipe_from_args
-from inf_quant.config import AWQConfig, GPTQConfig, Method, Order, Recipe, to_dict
-from inf_quant.hashing import default_cache_root
-from inf_quant.paths import REPO_ROOT
-from inf_quant.recipe_file import load_recipe
+from inf_quant.core.config import AWQConfig, GPTQConfig, Method, Order, Recipe, to_dict
+from inf_quant.core.hashing import default_cache_root
+from inf_quant.core.paths import REPO_ROOT
+from inf_quant.core.recipe_file import load_recipe
 from test_trust import FAST, Box, registrar, run_case
 from tiny import build_tiny_checkpoint
 

@@ -9,9 +9,9 @@ import torch
 
 import inf_quant  # noqa: F401
 from helpers import cli
-from inf_quant.baseline import baseline_stats, streamed_logprobs
-from inf_quant.load import open_checkpoint
-from inf_quant.verify_report import VerifyReport
+from inf_quant.evaluate.baseline import baseline_stats, streamed_logprobs
+from inf_quant.evaluate.verify_report import VerifyReport
+from inf_quant.read.load import open_checkpoint
 from tiny import build_tiny_checkpoint
 from tolerances import STREAMED_VS_FULL_LOGP_ATOL
 

@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from helpers import cli
-from inf_quant.paths import DEFAULT_MODEL, EVAL, REPO_ROOT
-from inf_quant.tokenizer import load_tokenizer
+from inf_quant.core.paths import DEFAULT_MODEL, EVAL, REPO_ROOT
+from inf_quant.data.tokenizer import load_tokenizer
 from tolerances import VLLM_GREEDY_TOKENS, VLLM_LOGPROB_MAX_ATOL, VLLM_LOGPROB_MEAN_ATOL
 
 pytestmark = pytest.mark.vllm

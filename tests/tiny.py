@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from inf_quant.paths import DEFAULT_MODEL
-from inf_quant.write import INFLM_AUTO_MAP, copy_modeling_files, save_sharded, write_json
+from inf_quant.core.paths import DEFAULT_MODEL
+from inf_quant.save.write import INFLM_AUTO_MAP, copy_modeling_files, save_sharded, write_json
 
 TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0)

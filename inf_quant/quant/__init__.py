@@ -1,4 +1,10 @@
-"""Quantization math: pure functions over tensors.
+"""Quantize (the math): pure functions over tensors, no modules, hooks or files.
+
+Takes: one Linear's weight [N, K] and its calibration statistics (GPTQ's H [K, K], AWQ's activations). Gives:
+integer codes with their scales and zeros (QuantizedWeight), by round-to-nearest (`grid.py`), GPTQ (`gptq.py`) or
+AWQ (`awq.py`: scale and clip searches, scale folding); and those codes as a checkpoint's packed tensors and back,
+GPTQ v1 and AWQ gemm (`qformat.py`, over the int32 word layouts of `pack.py`, the only place the on-disk layout is
+described). Running this over a model's layers is engine/.
 
 Dimension letters used in every docstring of this package:
 

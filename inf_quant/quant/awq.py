@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import AWQConfig, ScaleForms
-from ..errors import ConfigError, NumericalError
+from ..core.config import AWQConfig, ScaleForms
+from ..core.errors import ConfigError, NumericalError
 from .grid import QuantizedWeight, dequantize_weight, rtn_quantize
 
 __all__ = [

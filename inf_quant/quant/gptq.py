@@ -15,8 +15,8 @@ import logging
 import torch
 from torch import Tensor
 
-from ..config import GPTQConfig, Order
-from ..errors import ConfigError, NumericalError
+from ..core.config import GPTQConfig, Order
+from ..core.errors import ConfigError, NumericalError
 from .grid import QuantizedWeight, resolve_group_size, search_qparams
 
 log = logging.getLogger(__name__)

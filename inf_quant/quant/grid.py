@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import check_bits, resolve_group_size
+from ..core.config import check_bits, resolve_group_size
 
 CODE_BITS = tuple(range(1, 9))  # the widths the grid computes: codes are stored as uint8
 
