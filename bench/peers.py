@@ -1,19 +1,28 @@
-"""inf-quant against GPTQModel 7.6 on the real model (SmolLM2-135M-Instruct), side by side in one invocation.
+"""inf-quant against GPTQModel 7.6 on the real model (SmolLM2-135M-Instruct), side by side in one invocation,
+scored on text the defaults were not tuned on.
 
-    python bench/peers.py [--configs gptq4-g64 gptq4-g32 gptq8-g64 awq4-g64] [--repeat 2]
-                          [--samples 16] [--seqlen 512] [--eval-windows 24] [--ours NAME="EXTRA CLI ARGS" ...]
-                          [--tree NAME=CHECKOUT_DIR ...]
+    python bench/peers.py [--configs gptq4-g64 gptq8-g64 awq4-g64] [--seeds 0 1] [--samples 16] [--seqlen 512]
+                          [--heldout-windows 12] [--eval-windows 12] [--ours NAME="EXTRA CLI ARGS" ...]
+                          [--tree NAME=CHECKOUT_DIR ...] [--tools inf-quant gptqmodel] [--tables RESULTS_JSON ...]
 
 Both tools quantize the same bf16 checkpoint (bench/smollm2.py) from the same calibration token ids: inf-quant's
-own windows of the bundled calibration set (`prepare(recipe).ids`), handed to GPTQModel as `input_ids`. Every
-quantization runs in a fresh process, alternated (A B A B ...), measured with os.wait4: wall seconds, CPU seconds
-(user + system) and peak RSS (the child's own VmHWM). Each output is then loaded *as users load it* (transformers `from_pretrained`,
-gptqmodel's CPU kernels) and scored against the bf16 model on eval windows not used for calibration (the
-bundled eval set): perplexity, exact full-vocabulary KL(bf16 || quantized) and top-1 agreement. A round-to-nearest
-row (the same grid, no GPTQ/AWQ) is computed in-process as the floor every method must beat.
-GPTQModel on CPU: GPTQMODEL_CPU_WORKERS=2, GPTQMODEL_DISABLE_PACK_EXT=1, offload_to_disk=False; AWQ with
-backend=AWQ_TORCH and sym=False. Prints a Markdown table for bench/RESULTS.md and writes results.json.
-Not a test: timings move with machine load; alternation puts both tools under the same load.
+own windows of the bundled calibration set (`prepare(recipe).ids`) for each calibration seed, handed to GPTQModel
+as `input_ids`. Every quantization runs in a fresh process, tools alternated within each seed, measured with
+os.wait4: wall seconds, CPU seconds (user + system) and peak RSS (the child's own VmHWM).
+
+Scoring, per source: the four held-out sources of eval/heldout.jsonl (none of them a calibration source; at most
+--heldout-windows windows each), their token-weighted pool, and eval/ (documents of the calibration sources, the
+set the defaults used to be tuned on) for continuity. Per output: perplexity rise over bf16, exact full-vocabulary
+KL(bf16 || quantized) and top-1 agreement; tables give the median over the seeds and each seed's value. Each output
+is loaded as the weights its packed tensors encode (inf_quant.evaluate.reference.load_dequantized; for GPTQModel's
+outputs too) and every forward, bf16 model included, runs in bf16 (--score-dtype) with the log-softmax in fp32:
+on this 2-core box the fp32 forwards through gptqmodel's CPU kernels (--loader transformers, as users load it)
+were ~10 x slower, and those kernels also round the fp16 scales to bf16 (0.3 % relative error per linear,
+the same for both tools' outputs). A round-to-nearest row (the same grid, no GPTQ/AWQ) is the floor every method
+must beat. GPTQModel on CPU: GPTQMODEL_CPU_WORKERS=2, GPTQMODEL_DISABLE_PACK_EXT=1, offload_to_disk=False; AWQ with
+backend=AWQ_TORCH and sym=False. Prints Markdown tables for bench/RESULTS.md and writes results.json; --tables
+prints one table from several runs' results.json (e.g. GPTQModel's rows from one run, more variants from another).
+Not a test: timings move with machine load.
 """
 
 from __future__ import annotations
@@ -196,10 +205,27 @@ def main() -> None:
     ap.add_argument("--score-dtype", choices=["bf16", "fp32"], default="bf16",
                     help="compute dtype of every scored forward, bf16 model and quantized alike (log-softmax in fp32)")
     ap.add_argument("--timeout", type=float, default=3600, help="wall seconds before a quantization is abandoned")
+    ap.add_argument("--tables", nargs="+", metavar="RESULTS_JSON",
+                    help="print one table from earlier runs' results.json (same seeds, samples, eval windows), "
+                         "e.g. a run with GPTQModel and a later one with more inf-quant variants; runs nothing")
     ap.add_argument("--_worker", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._worker:
         return gptqmodel_worker(*a._worker)
+    if a.tables:
+        runs = [json.loads(Path(f).read_text()) for f in a.tables]
+        first = runs[0]
+        if any(r["tokens"] != first["tokens"] or r["args"]["seeds"] != first["args"]["seeds"] for r in runs):
+            sys.exit("--tables: the runs differ in eval tokens or seeds; their rows are not comparable")
+        seen, rows = set(), []
+        for r in runs:
+            for row in r["rows"]:
+                key = (row["tool"], row["config"], row["seed"])
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(row)
+        heldout = [k for k in first["tokens"] if k != "eval/ (tuned on)"]
+        return print_table(rows, heldout, first["bf16_ppl"], first["tokens"], argparse.Namespace(**first["args"]))
 
     import torch
     from smollm2 import ensure_smollm2, eval_windows

@@ -73,7 +73,15 @@ def _group_size(k: int, group_size: int) -> int:
 
 
 def _asym_qparams(wg: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """AutoAWQ's asymmetric grid per row of wg: [R, G] fp32 -> scale [R, 1] fp32, zero [R, 1] fp32 (integer-valued)."""
+    """AutoAWQ's asymmetric grid per row of wg: [R, G] fp32 -> scale [R, 1] fp32, zero [R, 1] fp32 (integer-valued).
+
+    Why not grid.qparams(sym=False): this is AutoAWQ's pseudo_quantize_tensor grid, range [min, max] (not widened
+    to contain 0), scale clamped at 1e-5. `--solve rtn` writes exactly it, so that path gives AutoAWQ's codes for
+    AutoAWQ's scales; the scale search scores candidates on it for both solves. The default `--solve gptq` writes
+    its codes from grid.py's asymmetric grid (range widened to contain 0), so search and write grids differ there
+    wherever a group's weights are all of one sign; whether searching on grid.py's range picks better scales has
+    not been measured (changing it changes every AWQ output's bytes). gptq.smooth: awq searches on grid.py's
+    symmetric grid, the one its solve writes (_fake_quant with zero_point=False)."""
     max_int = 2**bits - 1
     w_max, w_min = wg.amax(dim=1, keepdim=True), wg.amin(dim=1, keepdim=True)
     scale = (w_max - w_min).clamp(min=1e-5) / max_int
