@@ -39,6 +39,7 @@ def gptq_reference(w, h, cfg, codes_taken):
     search = dict(steps=cfg.clip_steps, max_shrink=cfg.clip_max_shrink, norm=cfg.clip_norm)
     static_scale, static_zero = search_qparams(W.reshape(N, K // G, G), cfg.bits, cfg.sym, **search)
     W, H, codes_taken = W[:, perm], H[perm][:, perm], codes_taken[:, perm]
+    hdiag = H.diag().clone() if cfg.clip_weight else None   # solve order, undamped
     H += cfg.damp * H.diag().mean() * torch.eye(K, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes, deq, loss, ties = torch.zeros(N, K, dtype=torch.uint8), torch.zeros(N, K, dtype=H.dtype), 0.0, 0
@@ -46,7 +47,8 @@ def gptq_reference(w, h, cfg, codes_taken):
         if cfg.static_groups:
             s, z = static_scale[:, perm[j] // G], static_zero[:, perm[j] // G]
         elif j % G == 0:
-            s, z = search_qparams(W[:, j:j + G], cfg.bits, cfg.sym, **search)
+            s, z = search_qparams(W[:, j:j + G], cfg.bits, cfg.sym, **search,
+                                  col_weight=None if hdiag is None else hdiag[j:j + G])
         v = W[:, j] / s
         tie = (v - v.floor() - 0.5).abs() < ROUNDING_TIE
         codes[:, j] = torch.where(tie, codes_taken[:, j], quantize(W[:, j], s, z, cfg.bits))
@@ -252,8 +254,9 @@ def test_group_aware_beats_natural_order_on_uneven_columns():
         assert err[Order.GROUP_AWARE] < err[Order.NATURAL], f"seed {seed}: {err}"
 
 
-def _brute_force_search(w, bits, sym, steps, max_shrink, norm):
-    """Every candidate shrink of every row, one at a time in float64."""
+def _brute_force_search(w, bits, sym, steps, max_shrink, norm, col_weight=None):
+    """Every candidate shrink of every row, one at a time in float64 (each column's error times col_weight)."""
+    cw = torch.ones(w.shape[1], dtype=torch.float64) if col_weight is None else col_weight.double()
     best = []
     for row in w.double():
         cands = []
@@ -266,7 +269,7 @@ def _brute_force_search(w, bits, sym, steps, max_shrink, norm):
             scale = (p * hi - p * lo) / (2**bits - 1)
             zero = 2 ** (bits - 1) if sym else min(max(round(-p * lo / scale), 0), 2**bits - 1)
             q = ((row / scale).round() + zero).clamp(0, 2**bits - 1)
-            cands.append((float(((q - zero) * scale - row).abs().pow(norm).sum()), i, scale, zero))
+            cands.append((float((((q - zero) * scale - row).abs().pow(norm) * cw).sum()), i, scale, zero))
         best.append(min(cands, key=lambda c: (c[0], c[1])))
     return best
 
@@ -286,6 +289,30 @@ def test_search_qparams_equals_brute_force_and_never_loses_to_min_max(sym):
     ref = _brute_force_search(w, 4, sym, 20, 0.3, 2.4)
     assert_close(scale.double(), torch.tensor([r[2] for r in ref]), EXACT, 1e-6, "searched scale vs brute force")
     assert zero.tolist() == [r[3] for r in ref]
+
+
+def test_weighted_search_equals_brute_force_and_follows_the_weights():
+    """gptq.clip_weight: each column's error weighed by diag(H), exactly as a brute force does; the weighted choice
+    never has a larger weighted error than the unweighted one (both pick from the same candidates), and where one
+    column weighs much more the choice moves."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 32, generator=g)
+    w[:, 0] *= 4
+    cw = torch.rand(32, generator=g) + 0.1
+    scale, zero = search_qparams(w, 4, True, steps=20, max_shrink=0.3, norm=2.0, col_weight=cw)
+    ref = _brute_force_search(w, 4, True, 20, 0.3, 2.0, cw)
+    assert_close(scale.double(), torch.tensor([r[2] for r in ref]), EXACT, 1e-6, "weighted search vs brute force")
+    heavy = cw.clone()
+    heavy[0] = 100.0
+    s_plain, _ = search_qparams(w, 4, True, steps=20, max_shrink=0.3, norm=2.0)
+    s_heavy, _ = search_qparams(w, 4, True, steps=20, max_shrink=0.3, norm=2.0, col_weight=heavy)
+    def weighted_err(scale):
+        z = torch.full_like(scale, 8, dtype=torch.int32)
+        q = dequantize(quantize(w, scale.unsqueeze(1), z.unsqueeze(1), 4), scale.unsqueeze(1), z.unsqueeze(1))
+        return ((q - w).square() * heavy).sum(1)
+
+    assert bool((weighted_err(s_heavy) <= weighted_err(s_plain) * (1 + 1e-6)).all())
+    assert not torch.equal(s_heavy, s_plain)
 
 
 def test_search_qparams_without_steps_is_min_max():
@@ -315,28 +342,32 @@ def test_linears_sharing_h_solved_stacked_give_the_codes_of_each_solved_alone(or
         assert abs(a.proxy_loss - b.proxy_loss) <= 1e-5 * max(a.proxy_loss, 1.0)
 
 
-def _graph_inputs(order, sym, k=256, n=48, seed=7, clip_steps=0):
+def _graph_inputs(order, sym, k=256, n=48, seed=7, clip_steps=0, clip_weight=False):
     """gptq_quantize's working W and Hinv in solve order, for comparing the two column loops directly."""
     from inf_quant.quant import gptq
 
     w, _, h = _data(seed=seed, m=512, n=n, k=k)
-    cfg = GPTQConfig(bits=4, group_size=64, block_size=64, order=order, sym=sym, clip_steps=clip_steps)
+    cfg = GPTQConfig(bits=4, group_size=64, block_size=64, order=order, sym=sym, clip_steps=clip_steps,
+                     clip_weight=clip_weight)
     perm = gptq.solve_order(h.diagonal().clone(), 64, order)
     W, H = (w.clone(), h.clone()) if perm is None else (w[:, perm].clone(), h[perm][:, perm].clone())
+    hdiag = H.diagonal().clone()
     hinv, _ = gptq._damped_hinv_(H, cfg, "x")
     col = torch.arange(k) if perm is None else perm
-    return gptq, cfg, W, hinv, (col // 64).tolist()
+    return gptq, cfg, W, hinv, (col // 64).tolist(), hdiag
 
 
 @pytest.mark.parametrize("order", [Order.NATURAL, Order.GROUP_AWARE])
-@pytest.mark.parametrize("sym, clip_steps", [(True, 0), (False, 0), (True, 10)])
-def test_the_graphable_block_loop_equals_the_column_loop(order, sym, clip_steps):
+@pytest.mark.parametrize("sym, clip_steps, clip_weight", [(True, 0, False), (False, 0, False), (True, 10, False),
+                                                          (True, 10, True)])
+def test_the_graphable_block_loop_equals_the_column_loop(order, sym, clip_steps, clip_weight):
     """_solve_graphed without capture (the blocks CUDA graphs would replay, run eagerly) gives _solve's codes,
     qparams and per-row loss, where each block is one group (G == block size, qparams at the group's start)."""
-    gptq, cfg, W, hinv, col_group = _graph_inputs(order, sym, clip_steps=clip_steps)
+    gptq, cfg, W, hinv, col_group, hdiag = _graph_inputs(order, sym, clip_steps=clip_steps, clip_weight=clip_weight)
     assert gptq.graphable(W.shape[1], 64, cfg)
-    want = gptq._solve(W.clone(), hinv, 64, cfg, col_group, None)
-    got = gptq._solve_graphed(W.clone(), hinv, 64, cfg, col_group, capture=False)
+    hdiag = hdiag if clip_weight else None
+    want = gptq._solve(W.clone(), hinv, 64, cfg, col_group, None, hdiag)
+    got = gptq._solve_graphed(W.clone(), hinv, 64, cfg, col_group, capture=False, hdiag=hdiag)
     for a, b, what in zip(got[:3], want[:3], ("codes", "scale", "zero")):
         assert torch.equal(a, b), what
     assert_close(got[3], want[3], atol=0.0, rtol=1e-6, what="loss per row")   # summed per block, then added
@@ -351,10 +382,10 @@ def test_cuda_graph_columns_equal_the_eager_cuda_loop(order):
     """The opt-in graph-columns path (run.unproven_cuda): one captured block replayed per block gives the eager CUDA
     loop's codes exactly. Never run on this project's CPU machines; the first GPU run decides whether it may be
     switched on."""
-    gptq, cfg, W, hinv, col_group = _graph_inputs(order, True, k=512, n=256)
-    W, hinv = W.cuda(), hinv.cuda()
-    want = gptq._solve(W.clone(), hinv, 64, cfg, col_group, None)
-    got = gptq._solve_graphed(W.clone(), hinv, 64, cfg, col_group, capture=True)
+    gptq, cfg, W, hinv, col_group, hdiag = _graph_inputs(order, True, k=512, n=256, clip_steps=10, clip_weight=True)
+    W, hinv, hdiag = W.cuda(), hinv.cuda(), hdiag.cuda()
+    want = gptq._solve(W.clone(), hinv, 64, cfg, col_group, None, hdiag)
+    got = gptq._solve_graphed(W.clone(), hinv, 64, cfg, col_group, capture=True, hdiag=hdiag)
     for a, b, what in zip(got[:3], want[:3], ("codes", "scale", "zero")):
         assert torch.equal(a, b), what
 

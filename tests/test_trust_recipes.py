@@ -54,6 +54,12 @@ def _(t):
     return ["awq", "--recipe", _recipe(t, "method: awq\ngptq: {bits: 8}\n"), "--out", t.root / "q"]
 
 
+@case("recipe-awq-sets-gptq-clip-weight", 2, "r.yaml: gptq.clip_weight: method awq's GPTQ solve does not read it",
+      "remove it from gptq:")
+def _(t):
+    return ["awq", "--recipe", _recipe(t, "method: awq\ngptq: {clip_weight: false}\n"), "--out", t.root / "q"]
+
+
 @case("recipe-gptq-sets-awq", 2, "r.yaml: awq.grid_points: method gptq reads from the awq: section only the scale search",
       "remove it")
 def _(t):
@@ -164,7 +170,8 @@ def test_readme_has_one_row_per_recipe_key_and_each_gptq_awq_flag_is_in_its_keys
 
 
 def test_awq_solve_takes_the_gptq_section_with_the_awq_grid():
-    assert AWQConfig().gptq(GPTQConfig()) == GPTQConfig(bits=4, group_size=128, sym=False)  # the old hard-coded one
+    # the settings AWQ's solve had before gptq.clip_weight became GPTQ's default (its output bytes are unchanged)
+    assert AWQConfig().gptq(GPTQConfig()) == GPTQConfig(bits=4, group_size=128, sym=False, clip_weight=False)
     solve = AWQConfig(group_size=64).gptq(GPTQConfig(damp=0.05, order=Order.NATURAL, clip_steps=0, block_size=32))
     assert (solve.bits, solve.group_size, solve.sym) == (4, 64, False)
     assert (solve.damp, solve.order, solve.clip_steps, solve.block_size) == (0.05, Order.NATURAL, 0, 32)

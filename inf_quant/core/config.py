@@ -65,7 +65,7 @@ class GPTQConfig:
     clip_steps: int = 20         # per-group range shrink candidates searched for the least error; 0 = min/max
     clip_max_shrink: float = 0.2  # the smallest range tried is (1 - clip_max_shrink) x min/max
     clip_norm: float = 2.4       # error = sum |w - q|^clip_norm (the GPTQ reference's find_params(mse=True))
-    clip_weight: bool = False    # weigh each column's error in that sum by diag(H) (its mean squared input)
+    clip_weight: bool = True     # weigh each column's error in that sum by diag(H) (its mean squared input)
     lm_head: bool = False        # also GPTQ the lm_head (head.py; `lm_head: true` for GPTQModel and vLLM)
     smooth: Smooth = Smooth.NONE  # awq: the AWQ scale search (recipe's awq: search keys) folded in before the solve
 
@@ -115,8 +115,10 @@ class AWQConfig:
 
     def gptq(self, solve: GPTQConfig) -> GPTQConfig:
         """The GPTQ settings of solve=gptq: this grid (these bits and group size, asymmetric: the AWQ gemm format)
-        with the recipe's gptq: section for the rest of the solve (damp, order, block size, range search)."""
-        return replace(solve, bits=self.bits, group_size=self.group_size, sym=False)
+        with the recipe's gptq: section for the rest of the solve (damp, order, block size, range search). Its range
+        search is not weighed by diag(H) (clip_weight): measured for the symmetric GPTQ grid only (README,
+        "Choosing GPTQ settings"), so AWQ's output is what it was before that default."""
+        return replace(solve, bits=self.bits, group_size=self.group_size, sym=False, clip_weight=False)
 
     def __post_init__(self):
         check_bits("awq.bits", self.bits, (4,), "the AWQ gemm format")
@@ -317,6 +319,10 @@ class Recipe:
                                   f"keys ({', '.join(search)}) and only with smooth: awq; remove it, or run the "
                                   "recipe with `inf-quant awq` (method: awq)")
             return
+        unmeasured = [k for k in g if k in ("clip_weight", "smooth")]
+        if unmeasured:
+            raise ConfigError(f"gptq.{unmeasured[0]}: method awq's GPTQ solve does not read it (its range search is "
+                              "not weighed by diag(H), and it has its own scales); remove it from gptq:")
         grid = [k for k in g if k in ("bits", "group_size", "sym", "lm_head")]
         if grid:
             raise ConfigError(f"gptq.{grid[0]}: method awq takes bits and group_size from awq: (its GPTQ solve is "

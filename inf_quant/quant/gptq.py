@@ -236,14 +236,15 @@ def _solve(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int
     return codes, scale, zero, loss
 
 
-def _aligned_block(W1: Tensor, Hinv1: Tensor, cfg: GPTQConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _aligned_block(W1: Tensor, Hinv1: Tensor, cfg: GPTQConfig,
+                   hdiag1: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One block of the column loop where the block is exactly one group (G == cfg.block_size, qparams not
     static, groups i // G in solve order): the same operations, in the same order, as _solve does for such a block,
     with no host synchronisation and no shape that depends on data, so a CUDA graph can capture it once and
     replay it for every block (_solve_graphed).
 
     W1: [N, B] fp32 the block's current weights; Hinv1: [B, B] fp32 its part of the upper Cholesky factor;
-    neither is modified. Returns codes [N, B] uint8, Err1 [N, B] fp32 (the scaled errors the later columns are
+    hdiag1: [B] fp32 its columns' diag(H) (cfg.clip_weight) or None; none is modified. Returns codes [N, B] uint8, Err1 [N, B] fp32 (the scaled errors the later columns are
     updated with), scale, zero [N] (the group's qparams) and the block's loss per row [N].
     """
     W1 = W1.clone()
@@ -252,7 +253,7 @@ def _aligned_block(W1: Tensor, Hinv1: Tensor, cfg: GPTQConfig) -> tuple[Tensor, 
     loss = torch.zeros(W1.shape[0], dtype=torch.float32, device=W1.device)
     d1 = Hinv1.diagonal()
     B, maxq = W1.shape[1], 2**cfg.bits - 1
-    sc, zero = _group_qparams(W1, cfg)
+    sc, zero = _group_qparams(W1, cfg, hdiag1)
     zf = zero.to(torch.float32)
     s1 = 0
     for i in range(B):
@@ -266,27 +267,31 @@ def _aligned_block(W1: Tensor, Hinv1: Tensor, cfg: GPTQConfig) -> tuple[Tensor, 
 
 def graphable(K: int, G: int, cfg: GPTQConfig) -> bool:
     """Whether _solve_graphed applies: every block is one whole group with its qparams fixed at its start."""
-    return (G == cfg.block_size and K % G == 0 and not cfg.static_groups and cfg.order is not Order.ACT
-            and not cfg.clip_weight)
+    return G == cfg.block_size and K % G == 0 and not cfg.static_groups and cfg.order is not Order.ACT
 
 
-def _solve_graphed(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int], capture: bool = True):
+def _solve_graphed(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: list[int], capture: bool = True,
+                   hdiag: Tensor | None = None):
     """_solve's result (graphable cases) with each block computed by _aligned_block; capture (CUDA): the block is
     captured once as a CUDA graph on static buffers and replayed for every block, one launch instead of ~23 ops
     per column. Opt-in (run.unproven_cuda: graph-columns) until a GPU run has compared its codes with the eager
     path's; capture=False runs the same blocks eagerly (what the CPU tests compare with _solve).
     W: [N, K] fp32 in solve order, modified in place; Hinv: [K, K] fp32; col_group as for _solve (block b holds
-    group col_group[b * B]). Returns (codes, scale, zero, loss)."""
+    group col_group[b * B]); hdiag: [K] fp32 diag(H) in solve order (cfg.clip_weight) or None. Returns (codes,
+    scale, zero, loss)."""
     N, K = W.shape
     B = cfg.block_size
     codes = torch.empty(N, K, dtype=torch.uint8, device=W.device)
     scale = torch.empty(N, K // G, dtype=torch.float32, device=W.device)
     zero = torch.empty(N, K // G, dtype=torch.int32, device=W.device)
     loss = torch.zeros(N, dtype=torch.float32, device=W.device)
-    step = _captured_block(N, B, cfg, W.device) if capture else (lambda w1, h1: _aligned_block(w1, h1, cfg))
+    if hdiag is None:
+        hdiag = torch.ones(K, dtype=torch.float32, device=W.device)  # not read unless cfg.clip_weight
+    step = (_captured_block(N, B, cfg, W.device) if capture else
+            (lambda w1, h1, d1: _aligned_block(w1, h1, cfg, d1 if cfg.clip_weight else None)))
     for i1 in range(0, K, B):
         i2, g = i1 + B, col_group[i1]
-        c1, e1, sc, zr, l1 = step(W[:, i1:i2], Hinv[i1:i2, i1:i2])
+        c1, e1, sc, zr, l1 = step(W[:, i1:i2], Hinv[i1:i2, i1:i2], hdiag[i1:i2])
         codes[:, i1:i2], scale[:, g], zero[:, g] = c1, sc, zr
         loss += l1
         W[:, i2:] -= e1 @ Hinv[i1:i2, i2:]
@@ -294,22 +299,26 @@ def _solve_graphed(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: 
 
 
 def _captured_block(N: int, B: int, cfg: GPTQConfig, device: torch.device):
-    """_aligned_block captured once as a CUDA graph on static [N, B] / [B, B] buffers: a callable (W1, Hinv1) ->
-    its outputs (the graph's own buffers, overwritten by the next call), each call a copy in and one replay."""
+    """_aligned_block captured once as a CUDA graph on static [N, B] / [B, B] / [B] buffers: a callable (W1, Hinv1,
+    hdiag1) -> its outputs (the graph's own buffers, overwritten by the next call), each call a copy in and one
+    replay."""
     w_in = torch.zeros(N, B, dtype=torch.float32, device=device)
     h_in = torch.eye(B, dtype=torch.float32, device=device)
+    d_in = torch.ones(B, dtype=torch.float32, device=device)
+    d_arg = d_in if cfg.clip_weight else None
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):             # warm-up off the capture (allocations, kernel selection)
-        _aligned_block(w_in, h_in, cfg)
+        _aligned_block(w_in, h_in, cfg, d_arg)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = _aligned_block(w_in, h_in, cfg)
+        out = _aligned_block(w_in, h_in, cfg, d_arg)
 
-    def step(w1: Tensor, h1: Tensor):
+    def step(w1: Tensor, h1: Tensor, d1: Tensor):
         w_in.copy_(w1)
         h_in.copy_(h1)
+        d_in.copy_(d1)
         graph.replay()
         return out
 
@@ -360,7 +369,7 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig, name: str = "linear",
     Hinv, damp = _damped_hinv_(H, cfg, name)
     del H
     if cuda_graphs and W.is_cuda and graphable(K, G, cfg):
-        codes, scale, zero, loss = _solve_graphed(W, Hinv, G, cfg, col_group)
+        codes, scale, zero, loss = _solve_graphed(W, Hinv, G, cfg, col_group, hdiag=hdiag)
     else:
         codes, scale, zero, loss = _solve(W, Hinv, G, cfg, col_group, static, hdiag)
     g_idx = torch.arange(K, device=w.device) // G
