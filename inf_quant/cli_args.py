@@ -104,9 +104,10 @@ def _gptq_parser(sub) -> None:
     _key(g, "--clip-max-shrink", "gptq.clip_max_shrink", type=float,
          help=f"the range search's smallest range: (1 - this) x min/max (default {GPTQConfig.clip_max_shrink:g})")
     _key(g, "--clip-norm", "gptq.clip_norm", type=float,
-         help=f"the range search's error norm p: sum |w - q|^p (default {GPTQConfig.clip_norm:g})")
+         help=f"with --no-clip-weight: the range search's error sum |w - q|^p (default p = {GPTQConfig.clip_norm:g})")
     _key(g, "--clip-weight", "gptq.clip_weight", action=argparse.BooleanOptionalAction,
-         help="weigh each column's error in the range search by diag(H), its mean squared input (default off)")
+         help="the range search's error is sum diag(H) (w - q)^2: each column's squared error times its mean squared "
+              "input (default on; --no-clip-weight: sum |w - q|^p, see --clip-norm)")
     _key(g, "--smooth", "gptq.smooth", choices=["none", "awq"],
          help="awq: AWQ's activation-aware scales (the awq: search keys) folded into the norms/linears before the "
               "GPTQ solve; the output stays plain GPTQ v1 (default none)")

@@ -38,6 +38,7 @@ def gptq_reference(w, h, cfg, codes_taken):
     perm = reference_order(H.diag(), G, cfg.order)
     search = dict(steps=cfg.clip_steps, max_shrink=cfg.clip_max_shrink, norm=cfg.clip_norm)
     static_scale, static_zero = search_qparams(W.reshape(N, K // G, G), cfg.bits, cfg.sym, **search)
+    search["norm"] = 2.0 if cfg.clip_weight else cfg.clip_norm   # the weighted search is sum diag(H) (w - q)^2
     W, H, codes_taken = W[:, perm], H[perm][:, perm], codes_taken[:, perm]
     hdiag = H.diag().clone() if cfg.clip_weight else None   # solve order, undamped
     H += cfg.damp * H.diag().mean() * torch.eye(K, dtype=H.dtype)

@@ -60,6 +60,12 @@ def _(t):
     return ["awq", "--recipe", _recipe(t, "method: awq\ngptq: {clip_weight: false}\n"), "--out", t.root / "q"]
 
 
+@case("gptq-clip-norm-with-clip-weight", 2, "gptq.clip_norm (--clip-norm) is the unweighted range search's exponent",
+      "add --no-clip-weight")
+def _(t):
+    return ["gptq", "--model", t.model(), "--clip-norm", "2", *FAST, "--out", t.root / "q"]
+
+
 @case("recipe-gptq-sets-awq", 2, "r.yaml: awq.grid_points: method gptq reads from the awq: section only the scale search",
       "remove it")
 def _(t):

@@ -45,6 +45,9 @@ class Order(Enum):
     ACT = "act"                  # all columns by diag(H) (desc_act); g_idx unsorted unless static_groups
 
 
+CLIP_NORM = 2.4  # gptq.clip_norm's default: the GPTQ reference's find_params(mse=True) exponent
+
+
 class Smooth(Enum):
     """What GPTQ does to the layer before its solve."""
 
@@ -64,8 +67,11 @@ class GPTQConfig:
     static_groups: bool = False  # with order act: fix all group qparams before the solve (keeps g_idx = i // G)
     clip_steps: int = 20         # per-group range shrink candidates searched for the least error; 0 = min/max
     clip_max_shrink: float = 0.2  # the smallest range tried is (1 - clip_max_shrink) x min/max
-    clip_norm: float = 2.4       # error = sum |w - q|^clip_norm (the GPTQ reference's find_params(mse=True))
-    clip_weight: bool = True     # weigh each column's error in that sum by diag(H) (its mean squared input)
+    # the range search's error per group: with clip_weight, sum_j diag(H)_j (w_j - q_j)^2 (each column's squared
+    # error times its mean squared input: the diagonal of the output error |X(w - q)|^2); without, the GPTQ
+    # reference's find_params(mse=True) sum_j |w_j - q_j|^clip_norm
+    clip_weight: bool = True
+    clip_norm: float = CLIP_NORM  # the unweighted search's exponent p (clip_weight: false only)
     lm_head: bool = False        # also GPTQ the lm_head (head.py; `lm_head: true` for GPTQModel and vLLM)
     smooth: Smooth = Smooth.NONE  # awq: the AWQ scale search (recipe's awq: search keys) folded in before the solve
 
@@ -80,6 +86,10 @@ class GPTQConfig:
             raise ConfigError("gptq.static_groups only applies with order: act")
         if self.clip_steps < 0 or not 0 <= self.clip_max_shrink < 1 or self.clip_norm <= 0:
             raise ConfigError("gptq: clip_steps must be >= 0, clip_max_shrink in [0, 1), clip_norm > 0")
+        if self.clip_weight and self.clip_norm != CLIP_NORM:
+            raise ConfigError(f"gptq.clip_norm (--clip-norm) is the unweighted range search's exponent; with "
+                              f"clip_weight (the default) the error is sum diag(H) (w - q)^2; add --no-clip-weight "
+                              f"(clip_weight: false) or drop it")
         if self.smooth is Smooth.AWQ:
             check_bits("gptq.bits with smooth: awq (--smooth awq)", self.bits, (4,), "8-bit GPTQ loses ~0 already")
 

@@ -140,10 +140,12 @@ def solve_order(diag: Tensor, G: int, order: Order) -> Tensor | None:
 
 def _group_qparams(w: Tensor, cfg: GPTQConfig, hdiag: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Qparams of each row of w: [..., G] -> scale, zero [...]; min/max, or the clip search if cfg asks.
-    hdiag: [G] fp32 diag(H) of the group's columns (in w's column order), or None; with cfg.clip_weight it weighs
-    each column's error in the search (an input channel's error costs its mean squared activation)."""
+    hdiag: [G] fp32 diag(H) of the group's columns (in w's column order), or None; with cfg.clip_weight the search's
+    error is sum_j hdiag_j (w_j - q_j)^2 (an input channel's error costs its mean squared activation), else
+    sum_j |w_j - q_j|^cfg.clip_norm."""
     weight = hdiag if cfg.clip_weight and hdiag is not None else None
-    return search_qparams(w, cfg.bits, cfg.sym, cfg.clip_steps, cfg.clip_max_shrink, cfg.clip_norm, weight)
+    norm = 2.0 if weight is not None else cfg.clip_norm   # weighted: sum diag(H) (w - q)^2 (config.GPTQConfig)
+    return search_qparams(w, cfg.bits, cfg.sym, cfg.clip_steps, cfg.clip_max_shrink, norm, weight)
 
 
 def _current_group(W: Tensor, W1: Tensor, Err1: Tensor, Hinv: Tensor, i1: int, i: int, G: int) -> Tensor:
@@ -244,8 +246,9 @@ def _aligned_block(W1: Tensor, Hinv1: Tensor, cfg: GPTQConfig,
     replay it for every block (_solve_graphed).
 
     W1: [N, B] fp32 the block's current weights; Hinv1: [B, B] fp32 its part of the upper Cholesky factor;
-    hdiag1: [B] fp32 its columns' diag(H) (cfg.clip_weight) or None; none is modified. Returns codes [N, B] uint8, Err1 [N, B] fp32 (the scaled errors the later columns are
-    updated with), scale, zero [N] (the group's qparams) and the block's loss per row [N].
+    hdiag1: [B] fp32 its columns' diag(H) (cfg.clip_weight) or None; none is modified. Returns codes [N, B] uint8,
+    Err1 [N, B] fp32 (the scaled errors the later columns are updated with), scale, zero [N] (the group's qparams)
+    and the block's loss per row [N].
     """
     W1 = W1.clone()
     Err1 = torch.zeros_like(W1)
