@@ -140,12 +140,11 @@ def solve_order(diag: Tensor, G: int, order: Order) -> Tensor | None:
 
 def _group_qparams(w: Tensor, cfg: GPTQConfig, hdiag: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Qparams of each row of w: [..., G] -> scale, zero [...]; min/max, or the clip search if cfg asks.
-    hdiag: [G] fp32 diag(H) of the group's columns (in w's column order), or None; with cfg.clip_weight the search's
-    error is sum_j hdiag_j (w_j - q_j)^2 (an input channel's error costs its mean squared activation), else
-    sum_j |w_j - q_j|^cfg.clip_norm."""
-    weight = hdiag if cfg.clip_weight and hdiag is not None else None
-    norm = 2.0 if weight is not None else cfg.clip_norm   # weighted: sum diag(H) (w - q)^2 (config.GPTQConfig)
-    return search_qparams(w, cfg.bits, cfg.sym, cfg.clip_steps, cfg.clip_max_shrink, norm, weight)
+    hdiag: [G] fp32 diag(H) of the group's columns (in w's column order), given where cfg.clip_weight (gptq_quantize
+    decides): the search's error is sum_j hdiag_j (w_j - q_j)^2 (an input channel's error costs its mean squared
+    activation); None: sum_j |w_j - q_j|^cfg.clip_norm."""
+    norm = cfg.clip_norm if hdiag is None else 2.0   # weighted: sum diag(H) (w - q)^2 (config.GPTQConfig)
+    return search_qparams(w, cfg.bits, cfg.sym, cfg.clip_steps, cfg.clip_max_shrink, norm, hdiag)
 
 
 def _current_group(W: Tensor, W1: Tensor, Err1: Tensor, Hinv: Tensor, i1: int, i: int, G: int) -> Tensor:
@@ -246,7 +245,7 @@ def _aligned_block(W1: Tensor, Hinv1: Tensor, cfg: GPTQConfig,
     replay it for every block (_solve_graphed).
 
     W1: [N, B] fp32 the block's current weights; Hinv1: [B, B] fp32 its part of the upper Cholesky factor;
-    hdiag1: [B] fp32 its columns' diag(H) (cfg.clip_weight) or None; none is modified. Returns codes [N, B] uint8,
+    hdiag1: [B] fp32 its columns' diag(H) (weighted search) or None; none is modified. Returns codes [N, B] uint8,
     Err1 [N, B] fp32 (the scaled errors the later columns are updated with), scale, zero [N] (the group's qparams)
     and the block's loss per row [N].
     """
@@ -288,40 +287,38 @@ def _solve_graphed(W: Tensor, Hinv: Tensor, G: int, cfg: GPTQConfig, col_group: 
     scale = torch.empty(N, K // G, dtype=torch.float32, device=W.device)
     zero = torch.empty(N, K // G, dtype=torch.int32, device=W.device)
     loss = torch.zeros(N, dtype=torch.float32, device=W.device)
-    if hdiag is None:
-        hdiag = torch.ones(K, dtype=torch.float32, device=W.device)  # not read unless cfg.clip_weight
-    step = (_captured_block(N, B, cfg, W.device) if capture else
-            (lambda w1, h1, d1: _aligned_block(w1, h1, cfg, d1 if cfg.clip_weight else None)))
+    step = (_captured_block(N, B, cfg, W.device, weighted=hdiag is not None) if capture else
+            (lambda w1, h1, d1: _aligned_block(w1, h1, cfg, d1)))
     for i1 in range(0, K, B):
         i2, g = i1 + B, col_group[i1]
-        c1, e1, sc, zr, l1 = step(W[:, i1:i2], Hinv[i1:i2, i1:i2], hdiag[i1:i2])
+        c1, e1, sc, zr, l1 = step(W[:, i1:i2], Hinv[i1:i2, i1:i2], None if hdiag is None else hdiag[i1:i2])
         codes[:, i1:i2], scale[:, g], zero[:, g] = c1, sc, zr
         loss += l1
         W[:, i2:] -= e1 @ Hinv[i1:i2, i2:]
     return codes, scale, zero, loss
 
 
-def _captured_block(N: int, B: int, cfg: GPTQConfig, device: torch.device):
+def _captured_block(N: int, B: int, cfg: GPTQConfig, device: torch.device, weighted: bool = False):
     """_aligned_block captured once as a CUDA graph on static [N, B] / [B, B] / [B] buffers: a callable (W1, Hinv1,
-    hdiag1) -> its outputs (the graph's own buffers, overwritten by the next call), each call a copy in and one
-    replay."""
+    hdiag1: [B] where weighted, else None) -> its outputs (the graph's own buffers, overwritten by the next call),
+    each call a copy in and one replay."""
     w_in = torch.zeros(N, B, dtype=torch.float32, device=device)
     h_in = torch.eye(B, dtype=torch.float32, device=device)
-    d_in = torch.ones(B, dtype=torch.float32, device=device)
-    d_arg = d_in if cfg.clip_weight else None
+    d_in = torch.ones(B, dtype=torch.float32, device=device) if weighted else None
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):             # warm-up off the capture (allocations, kernel selection)
-        _aligned_block(w_in, h_in, cfg, d_arg)
+        _aligned_block(w_in, h_in, cfg, d_in)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = _aligned_block(w_in, h_in, cfg, d_arg)
+        out = _aligned_block(w_in, h_in, cfg, d_in)
 
-    def step(w1: Tensor, h1: Tensor, d1: Tensor):
+    def step(w1: Tensor, h1: Tensor, d1: Tensor | None):
         w_in.copy_(w1)
         h_in.copy_(h1)
-        d_in.copy_(d1)
+        if d_in is not None:
+            d_in.copy_(d1)
         graph.replay()
         return out
 
