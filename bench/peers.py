@@ -3,7 +3,7 @@ scored on text the defaults were not tuned on.
 
     python bench/peers.py [--configs gptq4-g64 gptq8-g64 awq4-g64] [--seeds 0 1] [--samples 16] [--seqlen 512]
                           [--heldout-windows 12] [--eval-windows 12] [--ours NAME="EXTRA CLI ARGS" ...]
-                          [--tree NAME=CHECKOUT_DIR ...] [--tools inf-quant gptqmodel] [--tables RESULTS_JSON ...]
+                          [--tree NAME="CHECKOUT_DIR [ARGS]" ...] [--tools inf-quant gptqmodel] [--tables RESULTS_JSON ...]
 
 Both tools quantize the same bf16 checkpoint (bench/smollm2.py) from the same calibration token ids: inf-quant's
 own windows of the bundled calibration set (`prepare(recipe).ids`) for each calibration seed, handed to GPTQModel
@@ -188,8 +188,9 @@ def main() -> None:
     ap.add_argument("--ours", nargs="*", default=[], metavar='NAME="ARGS"',
                     help="extra inf-quant variants (extra CLI args), e.g. damp05=\"--damp 0.05\"; "
                          "AWQ variants start with 'awq:', e.g. awqgptq=\"awq: --solve gptq\"")
-    ap.add_argument("--tree", nargs="*", default=[], metavar="NAME=DIR",
-                    help="also run inf-quant from another checkout (e.g. a git worktree of an older commit)")
+    ap.add_argument("--tree", nargs="*", default=[], metavar='NAME="DIR [ARGS]"',
+                    help="also run inf-quant from another checkout (e.g. a git worktree of an older commit), "
+                         "with extra CLI args if given")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
                     help="calibration seeds: each draws other windows, shared by every tool; tables give medians")
     ap.add_argument("--samples", type=int, default=16)
@@ -238,8 +239,9 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     tools = {t: [] for t in a.tools}
     tools.update({f"inf-quant {n}": shlex.split(v) for n, v in (o.split("=", 1) for o in a.ours)})
-    trees = {f"inf-quant {n}": str(Path(v).resolve()) for n, v in (o.split("=", 1) for o in a.tree)}
-    tools.update({n: [] for n in trees})
+    trees = {f"inf-quant {n}": shlex.split(v) for n, v in (o.split("=", 1) for o in a.tree)}
+    tools.update({n: v[1:] for n, v in trees.items()})
+    trees = {n: str(Path(v[0]).resolve()) for n, v in trees.items()}
     runs: dict[tuple[str, str], list[dict]] = {}
     for seed in a.seeds:
         ids = prepare(Recipe(model=ModelConfig(path=model),
