@@ -108,9 +108,14 @@ def _gptq_parser(sub) -> None:
     _key(g, "--clip-weight", "gptq.clip_weight", action=argparse.BooleanOptionalAction,
          help="the range search's error is sum diag(H) (w - q)^2: each column's squared error times its mean squared "
               "input (default on; --no-clip-weight: sum |w - q|^p, see --clip-norm)")
-    _key(g, "--smooth", "gptq.smooth", choices=["none", "awq"],
+    _key(g, "--smooth", "gptq.smooth", choices=["auto", "awq", "none"],
          help="awq: AWQ's activation-aware scales (the awq: search keys) folded into the norms/linears before the "
-              "GPTQ solve; the output stays plain GPTQ v1 (default none)")
+              "GPTQ solve; the output stays plain GPTQ v1. auto (default): awq at 4 bits, none at 8")
+    _key(g, "--smooth-loss", "gptq.smooth_loss", choices=["diag", "module"],
+         help="what the smoothing scores each candidate scale by: diag (default), each input channel's squared weight "
+              "error times its mean squared input; module: AutoAWQ's MSE of the attention/MLP output (~5 x the CPU)")
+    _key(g, "--smooth-tokens", "gptq.smooth_tokens", type=int,
+         help=f"calibration tokens the smoothing's search reads, in whole samples (default {GPTQConfig.smooth_tokens})")
     _key(g, "--lm-head", "gptq.lm_head", action=argparse.BooleanOptionalAction,
          help="also quantize the lm_head (default off; INF layout only: vLLM with integrations/vllm, transformers "
               "through the copied modeling code)")

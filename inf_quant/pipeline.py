@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import preflight
-from .core.config import Method, Recipe, Smooth
+from .core.config import Method, Recipe
 from .core.errors import CheckpointError, ConfigError
 from .core.hashing import files_sha256
 from .data.calibrate import calibration_files, document_ids, sample_windows
@@ -96,10 +96,11 @@ def apply_saved(ctx: Context, block: nn.Module, i: int, tensors: dict[str, torch
 
 def quantize_layer(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple) -> BlockResult:
     """Layer i quantized by the recipe's method: gptq_block or awq_block, the twins (same arguments, same result);
-    with gptq.smooth: awq, AWQ's scales searched on GPTQ's grid are folded in first (awq_block.smooth_block)."""
+    where GPTQ smooths (gptq.smooth: awq, or auto at 4 bits), AWQ's scales searched on GPTQ's grid are folded in
+    first (awq_block.smooth_block)."""
     if ctx.recipe.method is Method.AWQ:
         return awq_block(ctx, block, i, hidden, rope)
-    if ctx.recipe.gptq.smooth is Smooth.NONE:
+    if not ctx.recipe.gptq.smooths:
         return gptq_block(ctx, block, i, hidden, rope)
     folded, notes, scales = smooth_block(ctx, block, i, hidden, rope)
     done = gptq_block(ctx, block, i, hidden, rope)
@@ -137,8 +138,8 @@ def expected_peak(ctx: Context) -> Expected:
 
 
 def _expected(r: Recipe, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, S: int, T: int) -> Expected:
-    searched = r.method is Method.AWQ or r.gptq.smooth is not Smooth.NONE  # AWQ's scale search (also gptq smooth)
-    awq = min(S, max(1, r.awq.search_tokens // T)) if searched else 0
+    tokens = r.awq.search_tokens if r.method is Method.AWQ else r.gptq.smooth_tokens if r.gptq.smooths else 0
+    awq = min(S, max(1, tokens // T)) if tokens else 0   # AWQ's scale search's captures (also GPTQ's smoothing)
     return expected_quantize_peak(ckpt.layer_map, ckpt.config, S, T, r.run.forward_batch, dtype.itemsize,
                                   flash_attention=True, awq_samples=awq, on_host=device.type == "cpu",
                                   lm_head=r.method is Method.GPTQ and r.gptq.lm_head)

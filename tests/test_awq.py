@@ -14,7 +14,7 @@ from inf_quant.engine.awq_block import capture_group_inputs, module_output_loss,
 from inf_quant.quant import awq
 from inf_quant.quant.awq import (
     activation_stats, apply_clip, can_fold_into_linear, fold_scale_into_linear_outputs,
-    fold_index, fold_scale_into_norm, linear_output_loss, scale_candidates, scale_linear_inputs, search_clip, search_scale,
+    diag_output_loss, fold_index, fold_scale_into_norm, linear_output_loss, scale_candidates, scale_linear_inputs, search_clip, search_scale,
     weight_stats,
 )
 from inf_quant.read.layermap import LAYER_MAPS
@@ -169,6 +169,33 @@ def test_fake_quant_error_within_half_step(zero_point):
         step = 2 * wg.abs().amax(1, keepdim=True) / 15
     assert ((wg - qg).abs() <= step / 2 + GRID_HALF_STEP_SLACK * step).all()
     assert all(len(torch.unique(row)) <= 16 for row in qg)  # at most 2**bits levels per group
+
+
+def test_symmetric_fake_quant_is_rtn_quantize_dequantized():
+    """The sym fake quant (GPTQ's smoothing scores candidates with it) gives exactly the floats of
+    grid.rtn_quantize + dequantize_weight, the grid the GPTQ output is written on."""
+    from inf_quant.quant.grid import dequantize_weight, rtn_quantize
+    w = torch.randn(40, D, generator=_gen(41))
+    w[:, 5] *= 30
+    for g in (16, 48):
+        assert torch.equal(awq._fake_quant(w, 4, g, False), dequantize_weight(rtn_quantize(w, 4, g, sym=True)))
+
+
+def test_diag_loss_is_the_output_loss_on_orthogonal_inputs_and_ranks_like_it():
+    """diag_output_loss = linear_output_loss when x's columns are orthogonal (x^T x diagonal); on correlated outlier
+    activations it is a different number, and the scale it picks still cuts the full output error."""
+    q, _ = torch.linalg.qr(torch.randn(256, D, generator=_gen(42)))   # [256, D], orthonormal columns
+    x = q * torch.exp(torch.randn(D, generator=_gen(43)))             # orthogonal, unequal column norms
+    weights = _qkv(44)
+    cands = [awq._fake_quant(w, 4, 16, False) for w in weights]
+    assert diag_output_loss(x, weights)(cands) == pytest.approx(linear_output_loss(x, weights)(cands), rel=LOSS_RTOL)
+    x = _outlier_x(256, D, 45) + torch.randn(256, 1, generator=_gen(46))   # correlated channels
+    diag, full = diag_output_loss(x, weights), linear_output_loss(x, weights)
+    unscaled = [awq._fake_quant(w, 4, 16, False) for w in weights]
+    r = search_scale(x, weights, CFG, loss=diag, sym=True)
+    scaled = [awq._fake_quant(w * r.scales, 4, 16, False) / r.scales for w in weights]
+    assert diag(unscaled) != full(unscaled)
+    assert r.alpha > 0 and full(scaled) < OUTLIER_MIN_GAIN * full(unscaled)
 
 
 def test_activation_stats_is_mean_abs_per_channel():

@@ -21,14 +21,18 @@ FAST = ("--group-size", "32", "--samples", "8", "--seqlen", "64", "-q")
 IDS = [[5, 17, 250, 1024, 7, 3000, 42, 99, 512, 8000, 6, 77]]
 
 
-VARIANTS = {"gptq": (), "awq": (), "awq-rtn": ("--solve", "rtn"), "gptq-smooth": ("--smooth", "awq")}
+VARIANTS = {"gptq": (), "awq": (), "awq-rtn": ("--solve", "rtn"), "gptq-nosmooth": ("--smooth", "none"),
+            "gptq-module": ("--smooth", "awq", "--smooth-loss", "module")}
 
 
 @pytest.fixture(scope="module", params=[("gptq", "inflm"), ("gptq", "llama"), ("awq", "inflm"), ("awq", "llama"),
-                                        ("awq-rtn", "inflm"), ("gptq-smooth", "inflm")], ids=lambda p: "-".join(p))
+                                        ("awq-rtn", "inflm"), ("gptq-nosmooth", "inflm"),
+                                        ("gptq-module", "llama")], ids=lambda p: "-".join(p))
 def quantized(request, tmp_path_factory):
     """awq-rtn: AutoAWQ's clip search + round to nearest (--solve rtn) instead of the default GPTQ solve;
-    gptq-smooth: AWQ's scales folded into the LayerNorms (weight and bias) and v/up_proj, then the GPTQ solve."""
+    gptq (the default, smooth auto at 4 bits): AWQ's scales (diag loss) folded into the norms (LayerNorm: weight and
+    bias) and v/up_proj, then the GPTQ solve; gptq-nosmooth: the solve alone; gptq-module: the scales scored by
+    AutoAWQ's module-output loss."""
     variant, kind = request.param
     root = tmp_path_factory.mktemp(f"{variant}-{kind}")
     model = build_tiny_checkpoint(root / "bf16", kind)
@@ -59,7 +63,7 @@ def test_output_is_standard_gptq_v1(quantized):
                                       "sym": True, "checkpoint_format": "gptq", "true_sequential": True,
                                       "damp_percent": 0.01, "meta": None}
     tensors = _tensors(out)
-    smoothed = json.loads((out / "inf_quant.json").read_text())["recipe"]["gptq"]["smooth"] == "awq"
+    smoothed = json.loads((out / "inf_quant.json").read_text())["recipe"]["gptq"]["smooth"] in ("auto", "awq")
     src = _tensors(model)   # a smoothed output's norms carry the scales; otherwise they are copied unchanged
     for n in ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight"):
         if f"model.layers.1.{n}" in src:  # RMSNorm: no bias

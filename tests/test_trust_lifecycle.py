@@ -271,12 +271,13 @@ def test_the_refusal_advises_the_largest_samples_that_fit(tmp_path, monkeypatch,
     avail = 23 * 2**30
     monkeypatch.setattr(pipeline, "available_bytes", lambda device: (avail, "a 23 GiB machine"))
     code, _, err = cli("gptq", "--samples", "100000", "--out", tmp_path / "q", "-q", capsys=capsys)
-    assert code == 2 and "expected peak of 97.68 GiB" in err, err
+    assert code == 2 and "expected peak of 97.69 GiB" in err, err
     n = int(re.search(r"use --samples (\d+) or fewer", err).group(1))
     ckpt = open_checkpoint(DEFAULT_MODEL)
 
     def expected(s):
-        return expected_quantize_peak(ckpt.layer_map, ckpt.config, s, 512, 4, 4, True, on_host=True).total
+        return expected_quantize_peak(ckpt.layer_map, ckpt.config, s, 512, 4, 4, True, on_host=True,
+                                      awq_samples=min(s, 4096 // 512)).total   # 4-bit GPTQ smooths: its captures
 
     assert expected(n) <= avail < expected(n + 1), (n, expected(n), expected(n + 1))
     assert list(tmp_path.iterdir()) == []

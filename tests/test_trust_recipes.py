@@ -69,7 +69,19 @@ def _(t):
 @case("recipe-gptq-sets-awq", 2, "r.yaml: awq.grid_points: method gptq reads from the awq: section only the scale search",
       "remove it")
 def _(t):
-    return ["gptq", "--recipe", _recipe(t, "method: gptq\nawq: {grid_points: 10}\n"), "--out", t.root / "q"]
+    return ["gptq", "--recipe", _recipe(t, "method: gptq\ngptq: {smooth: none}\nawq: {grid_points: 10}\n"), "--out",
+            t.root / "q"]
+
+
+@case("recipe-gptq-sets-awq-clip", 2, "r.yaml: awq.clip_grid: method gptq reads from the awq: section only the scale search",
+      "remove it")
+def _(t):
+    return ["gptq", "--recipe", _recipe(t, "method: gptq\nawq: {clip_grid: 10}\n"), "--out", t.root / "q"]
+
+
+@case("gptq-smooth-loss-without-smoothing", 2, "gptq.smooth_loss: read only when GPTQ smooths", "remove it")
+def _(t):
+    return ["gptq", "--model", t.model(), "--bits", "8", "--smooth-loss", "module", *FAST, "--out", t.root / "q"]
 
 
 @case("awq-rtn-with-gptq-settings", 2, "gptq.damp: the gptq: section is read by awq only with solve: gptq",
@@ -116,11 +128,11 @@ def _leaves(d: dict, prefix: str = "") -> dict:
 def test_a_recipe_with_no_flags_runs_as_written_and_typed_flags_override_only_their_keys(tmp_path):
     path = CI / "inf-tiny-gptq-w4g128.yaml"
     assert recipe_from_args(_args("gptq", "--recipe", path)) == load_recipe(path)
-    got = recipe_from_args(_args("gptq", "--recipe", path, "--bits", "8", "--no-sym", "--calib", "c.jsonl",
+    got = recipe_from_args(_args("gptq", "--recipe", path, "--group-size", "64", "--no-sym", "--calib", "c.jsonl",
                                  "--device", "cuda:1", "--skip", "mlp.down_proj", "--cache-dir", tmp_path))
     before, after = _leaves(to_dict(load_recipe(path))), _leaves(to_dict(got))
     changed = {k: after[k] for k in after if after[k] != before[k]}
-    assert changed == {"gptq.bits": 8, "gptq.sym": False, "calibration.source": "c.jsonl", "run.device": "cuda",
+    assert changed == {"gptq.group_size": 64, "gptq.sym": False, "calibration.source": "c.jsonl", "run.device": "cuda",
                        "run.gpu": 1, "skip": ["mlp.down_proj"], "verify.cache_dir": str(tmp_path)}
     assert got.name == "inf-tiny-gptq-w4g128" and got.calibration.samples == 64  # the recipe's, not the default
 

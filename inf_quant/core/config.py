@@ -53,6 +53,14 @@ class Smooth(Enum):
 
     NONE = "none"
     AWQ = "awq"  # AWQ's activation-aware scale search, folded into the previous norm/linear; output stays GPTQ v1
+    AUTO = "auto"  # awq at 4 bits (measured: README, "Choosing GPTQ settings"), none at 8 (a tie with the peer already)
+
+
+class SmoothLoss(Enum):
+    """What gptq.smooth: awq scores each candidate scale by (its weights Q(W s)/s against W)."""
+
+    DIAG = "diag"      # sum_j mean(x_j^2) (w_j - q_j)^2 over the group's linears: elementwise, no forward
+    MODULE = "module"  # AutoAWQ's: MSE of the output of the module the group feeds (attention, MLP); ~5 x the CPU
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,9 @@ class GPTQConfig:
     clip_weight: bool = True
     clip_norm: float = CLIP_NORM  # the unweighted search's exponent p (clip_weight: false only)
     lm_head: bool = False        # also GPTQ the lm_head (head.py; `lm_head: true` for GPTQModel and vLLM)
-    smooth: Smooth = Smooth.NONE  # awq: the AWQ scale search (recipe's awq: search keys) folded in before the solve
+    smooth: Smooth = Smooth.AUTO  # awq: the AWQ scale search (recipe's awq: search keys) folded in before the solve
+    smooth_loss: SmoothLoss = SmoothLoss.DIAG  # with smoothing: what each candidate scale is scored by
+    smooth_tokens: int = 4096  # with smoothing: calibration tokens its search reads, max(1, this // T) whole samples
 
     def __post_init__(self):
         check_bits("gptq.bits", self.bits, (4, 8), "the bit widths Marlin/vLLM and gptqmodel load")
@@ -90,8 +100,15 @@ class GPTQConfig:
             raise ConfigError(f"gptq.clip_norm (--clip-norm) is the unweighted range search's exponent; with "
                               f"clip_weight (the default) the error is sum diag(H) (w - q)^2; add --no-clip-weight "
                               f"(clip_weight: false) or drop it")
+        if self.smooth_tokens < 1:
+            raise ConfigError(f"gptq.smooth_tokens must be >= 1, got {self.smooth_tokens}")
         if self.smooth is Smooth.AWQ:
             check_bits("gptq.bits with smooth: awq (--smooth awq)", self.bits, (4,), "8-bit GPTQ loses ~0 already")
+
+    @property
+    def smooths(self) -> bool:
+        """Whether AWQ's scales are folded in before the solve: smooth awq, or auto at 4 bits."""
+        return self.smooth is Smooth.AWQ or (self.smooth is Smooth.AUTO and self.bits == 4)
 
 
 class ScaleForms(Enum):
@@ -318,18 +335,23 @@ class Recipe:
 
     def _check_sections_read(self) -> None:
         """Every key set is read: awq reads gptq: only for its GPTQ solve (and not the grid keys, which come from
-        awq:) and its clip keys only for solve rtn; gptq reads awq:'s scale search keys only with smooth: awq. A key
-        that would be ignored is an error naming it."""
+        awq:) and its clip keys only for solve rtn; gptq reads awq:'s scale search keys (and its own smooth_loss and
+        smooth_tokens) only when it smooths (smooth: awq, or auto at 4 bits). A key that would be ignored is an error naming it."""
         g, a = _changed(self.gptq), _changed(self.awq)
         if self.method is Method.GPTQ:
-            search = ("grid_points", "scale_forms", "coarse_step", "search_tokens")  # what gptq.smooth: awq reads
-            unread = [k for k in a if self.gptq.smooth is Smooth.NONE or k not in search]
+            unread = [k for k in g if k in ("smooth_loss", "smooth_tokens")]
+            if unread and not self.gptq.smooths:
+                raise ConfigError(f"gptq.{unread[0]}: read only when GPTQ smooths (smooth: awq, or auto at 4 bits), "
+                                  f"and this recipe's smooth is {self.gptq.smooth.value} at {self.gptq.bits} bits; "
+                                  "remove it")
+            search = ("grid_points", "scale_forms", "coarse_step")  # what GPTQ's smoothing reads from awq:
+            unread = [k for k in a if not self.gptq.smooths or k not in search]
             if unread:
                 raise ConfigError(f"awq.{unread[0]}: method gptq reads from the awq: section only the scale search "
-                                  f"keys ({', '.join(search)}) and only with smooth: awq; remove it, or run the "
-                                  "recipe with `inf-quant awq` (method: awq)")
+                                  f"keys ({', '.join(search)}) and only when it smooths (smooth: awq, or auto at 4 "
+                                  "bits); remove it, or run the recipe with `inf-quant awq` (method: awq)")
             return
-        unmeasured = [k for k in g if k in ("clip_weight", "smooth")]
+        unmeasured = [k for k in g if k in ("clip_weight", "smooth", "smooth_loss", "smooth_tokens")]
         if unmeasured:
             raise ConfigError(f"gptq.{unmeasured[0]}: method awq's GPTQ solve does not read it (its range search is "
                               "not weighed by diag(H), and it has its own scales); remove it from gptq:")

@@ -13,7 +13,8 @@ Per layer, in this order:
    NOT quantized true-sequentially; a later group's search sees the earlier groups scaled, in full precision).
    A group with `inspect` (q/k/v -> self_attn incl. o_proj; gate/up -> mlp incl. down_proj) scores each
    candidate s by the MSE of that module's output, run on the n whole sequences, against its output with the
-   current weights; the other groups score the linears' own outputs. The best s is folded into `input_from`
+   current weights; the other groups score the linears' own outputs (GPTQ's smoothing, smooth_block, scores every
+   group by awq.diag_output_loss instead unless gptq.smooth_loss is module). The best s is folded into `input_from`
    (a norm: weight AND bias for LayerNorm; a linear: its output rows, only where shapes allow).
 3. Quantize, by awq.solve:
    - `gptq` (default): with every scale folded (norms rounded to the checkpoint's bf16 first, as written), the
@@ -40,8 +41,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..core.config import Method, WeightSolve
-from ..quant.awq import (apply_clip, awq_quantize, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
+from ..core.config import Method, SmoothLoss, WeightSolve
+from ..quant.awq import (apply_clip, awq_quantize, diag_output_loss, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
                          scale_linear_inputs, search_clip, search_scale)
 from ..quant.qformat import from_tensors, to_tensors
 from ..read.layermap import head_dim
@@ -115,9 +116,11 @@ def module_output_loss(module: nn.Module, linears: list[nn.Linear], x: torch.Ten
 
 
 def _fold_(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, cfg, batch: int,
-           head_dim: int, notes: list[str], sym: bool = False):
-    """Search and fold the group's scale. Returns (the group's input as the scaled weights now see it: x itself,
-    divided by the scale in place, ScaleResult or None if no scale could be folded)."""
+           head_dim: int, notes: list[str], sym: bool = False, loss_kind: SmoothLoss = SmoothLoss.MODULE):
+    """Search and fold the group's scale, each candidate scored by loss_kind: module (AutoAWQ's: the output of the
+    module the group feeds where it names one, else the linears' own outputs) or diag (awq.diag_output_loss).
+    Returns (the group's input as the scaled weights now see it: x itself, divided by the scale in place,
+    ScaleResult or None if no scale could be folded)."""
     mods = [block.get_submodule(n) for n in group.names]
     prev = block.get_submodule(group.input_from)
     tie = None
@@ -128,7 +131,10 @@ def _fold_(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, 
                          f"(out_features {prev.out_features} do not map onto in_features {mods[0].in_features})")
             return x, None
         tie = tie.to(x.device)
-    loss = module_output_loss(block.get_submodule(group.inspect), mods, x, kwargs, batch) if group.inspect else None
+    if loss_kind is SmoothLoss.DIAG:
+        loss = diag_output_loss(x.reshape(-1, x.shape[-1]), [m.weight for m in mods])
+    else:
+        loss = module_output_loss(block.get_submodule(group.inspect), mods, x, kwargs, batch) if group.inspect else None
     res = search_scale(x, [m.weight.float() for m in mods], cfg, loss, tie, sym)
     s = res.scales.to(x.device)
     with torch.no_grad():
@@ -154,9 +160,9 @@ def group_label(group) -> str:
 
 
 def _search_and_fold(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple, cfg,
-                     sym: bool) -> tuple[list[torch.Tensor], list[str], dict]:
+                     sym: bool, loss_kind: SmoothLoss) -> tuple[list[torch.Tensor], list[str], dict]:
     """Steps 1 and 2 of the module docstring: capture, then each group's scale searched (on the symmetric grid if
-    sym, else AWQ's) and folded. Returns (each group's input as its scaled weights now see it [n, T, K], notes,
+    sym, else AWQ's; scored by loss_kind) and folded. Returns (each group's input as its scaled weights now see it [n, T, K], notes,
     the chosen scale per group: label -> (form, alpha), or ("none", 0.0) where no scale could be folded)."""
     prefix, groups, batch = ctx.lmap.block_prefix(i), ctx.lmap.groups, ctx.recipe.run.forward_batch
     hd = head_dim(ctx.ckpt.config)
@@ -165,20 +171,26 @@ def _search_and_fold(ctx: Context, block: nn.Module, i: int, hidden: torch.Tenso
     notes: list[str] = []
     scales = {}
     for gi, group in enumerate(groups):
-        xs[gi], res = _fold_(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, hd, notes, sym)
+        if sym and any(prefix + n in ctx.skip for n in group.names):  # GPTQ's skips stay the source's weights
+            notes.append(f"{prefix}{group_label(group)}: not smoothed (it holds a --skip linear)")
+            scales[group_label(group)] = ("none", 0.0)
+            continue
+        xs[gi], res = _fold_(block, group, prefix, xs[gi], kwargs[gi], cfg, batch, hd, notes, sym, loss_kind)
         scales[group_label(group)] = (res.form, res.alpha) if res else ("none", 0.0)
     return xs, notes, scales
 
 
 def smooth_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor,
                  rope: tuple) -> tuple[dict[str, torch.Tensor], list[str], dict[str, tuple[str, float]]]:
-    """gptq.smooth: awq, before gptq_block: AWQ's scales (the recipe's awq: search settings, GPTQ's group size),
-    searched on GPTQ's symmetric grid and folded (LayerNorm weight and bias for q/k/v and gate/up, v_proj's rows for
-    o_proj, up_proj's for down_proj). Returns (the folded norms as written, in the checkpoint's dtype, notes, the
+    """GPTQ's smoothing (gptq.smooth: awq, or auto at 4 bits), before gptq_block: AWQ's scales (the recipe's awq:
+    search settings, GPTQ's group size, on gptq.smooth_tokens calibration tokens), searched on GPTQ's symmetric grid, each candidate scored by
+    gptq.smooth_loss (diag by default: no forward per candidate), and folded (LayerNorm weight and bias for q/k/v
+    and gate/up, v_proj's rows for o_proj, up_proj's for down_proj). Returns (the folded norms as written, in the checkpoint's dtype, notes, the
     scale per group). The block's weights are left scaled, unquantized: gptq_block then solves them on all samples
     as usual, and the output is plain GPTQ (the inverse scale lives in the norms/linears before)."""
-    cfg = replace(ctx.recipe.awq, group_size=ctx.recipe.gptq.group_size)
-    xs, notes, scales = _search_and_fold(ctx, block, i, hidden, rope, cfg, sym=True)
+    cfg = replace(ctx.recipe.awq, group_size=ctx.recipe.gptq.group_size, search_tokens=ctx.recipe.gptq.smooth_tokens)
+    xs, notes, scales = _search_and_fold(ctx, block, i, hidden, rope, cfg, sym=True,
+                                         loss_kind=ctx.recipe.gptq.smooth_loss)
     del xs
     return _with_folded_norms(ctx, block, ctx.lmap.block_prefix(i), {}), notes, scales
 
@@ -192,7 +204,7 @@ def awq_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope
     """
 
     cfg, prefix, groups = ctx.recipe.awq, ctx.lmap.block_prefix(i), ctx.lmap.groups
-    xs, notes, scales = _search_and_fold(ctx, block, i, hidden, rope, cfg, sym=False)
+    xs, notes, scales = _search_and_fold(ctx, block, i, hidden, rope, cfg, sym=False, loss_kind=SmoothLoss.MODULE)
     if cfg.solve is WeightSolve.GPTQ:  # the scaled layer, quantized by GPTQ group by group (true sequential)
         del xs
         folded = _with_folded_norms(ctx, block, prefix, {})  # rounded to bf16 first: GPTQ sees what is written

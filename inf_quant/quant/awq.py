@@ -30,10 +30,11 @@ from torch import Tensor
 
 from ..core.config import AWQConfig, ScaleForms
 from ..core.errors import ConfigError, NumericalError
-from .grid import QuantizedWeight, dequantize_weight, rtn_quantize
+from .grid import QuantizedWeight, dequantize, qparams, quantize
 
 __all__ = [
     "ScaleResult", "ClipResult", "activation_stats", "weight_stats", "scale_candidates", "linear_output_loss",
+    "diag_output_loss",
     "search_scale", "search_clip", "apply_clip",
     "fold_scale_into_norm", "fold_scale_into_linear_outputs", "scale_linear_inputs",
     "can_fold_into_linear", "fold_index",
@@ -99,8 +100,11 @@ def _fake_quant(w: Tensor, bits: int, group_size: int, zero_point: bool) -> Tens
     """
     n, k = w.shape
     g = _group_size(k, group_size)
-    if not zero_point:
-        return dequantize_weight(rtn_quantize(w.to(torch.float32), bits, g, sym=True))
+    if not zero_point:  # rtn_quantize's arithmetic (the same floats) without its per-column gather
+        wg = w.to(torch.float32).reshape(n, k // g, g)
+        scale, zero = qparams(wg, bits, sym=True)
+        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        return dequantize(quantize(wg, scale, zero, bits), scale, zero).reshape(n, k)
     wg = w.to(torch.float32).reshape(-1, g)
     max_int = 2**bits - 1
     scale, zero = _asym_qparams(wg, bits)
@@ -205,6 +209,28 @@ def linear_output_loss(x: Tensor, weights: list[Tensor]) -> Callable[[list[Tenso
     def loss(candidates: list[Tensor]) -> float:
         delta = torch.cat([w - q for w, q in zip(ws32, candidates)])  # [sum N_i, K] fp32
         return _output_sq_error(x, delta) / n_out
+
+    return loss
+
+
+def diag_output_loss(x: Tensor, weights: list[Tensor]) -> Callable[[list[Tensor]], float]:
+    """linear_output_loss with the input's Gram matrix cut to its diagonal: sum_j mean_m(x_mj^2) |W_i - Wq_i|_:j^2
+    summed over the Linears' rows, / sum_i N_i (the "imatrix" weighting: each input channel's squared weight error
+    times its mean squared input). Equal to linear_output_loss when x's columns are orthogonal; it ignores how
+    channels co-vary, which is what makes it cheap: an elementwise pass over the candidates, no GEMM with x.
+
+    x: [M, K] any float dtype (read once here, in row chunks; not kept); weights: list of [N_i, K] the original
+    weights. The returned callable takes the candidates Wq_i ([N_i, K] fp32). Peak extra: one [N_i, K] fp32.
+    """
+    d = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
+        d += x[start:start + _ROWS_PER_CHUNK].to(torch.float32).pow(2).sum(dim=0)
+    d /= x.shape[0]
+    ws32 = [w.to(torch.float32) for w in weights]
+    n_rows = sum(w.shape[0] for w in weights)
+
+    def loss(candidates: list[Tensor]) -> float:
+        return sum(float((w - q).pow_(2).mul_(d).sum()) for w, q in zip(ws32, candidates)) / n_rows
 
     return loss
 
