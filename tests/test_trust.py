@@ -751,6 +751,22 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path):
         pass
 
 
+def test_an_empty_lock_left_by_a_killed_writer_is_waited_for_then_taken(tmp_path, monkeypatch):
+    """A SIGKILL between creating the lock and writing its JSON leaves an empty file (seen in a release killed with
+    kill -9 and resumed at once): the next run waits out the grace period, then takes it; it never hangs."""
+    import time
+
+    from inf_quant.save import lock as lock_mod
+
+    monkeypatch.setattr(lock_mod, "EMPTY_LOCK_GRACE_S", 0.6)
+    out = tmp_path / "q"
+    lock_path(out).write_text("")
+    t0 = time.monotonic()
+    with output_lock(out) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert 0.4 < time.monotonic() - t0 < 1.6 and not lock.exists()
+
+
 def test_real_disk_too_small_is_refused_before_any_work(tmp_path):
     """On a real 1 MiB tmpfs (needs root / CAP_SYS_ADMIN; skipped elsewhere)."""
     mnt = tmp_path / "small"

@@ -54,13 +54,20 @@ def _age(p: Path) -> float:
         return 0.0
 
 
+# A lock file without its JSON is one being written this instant, or one whose writer was killed between creating
+# and writing it (a SIGKILL in that microsecond): it is waited for until it is this many seconds old, then stale.
+EMPTY_LOCK_GRACE_S = 5.0
+
+
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[Path]:
-    """Hold out's lock for the with-block; a live holder is a one-line ConfigError naming it."""
+    """Hold out's lock for the with-block; a live holder is a one-line ConfigError naming it. An empty lock is waited
+    for (at most EMPTY_LOCK_GRACE_S + 1 seconds in all), then removed as stale."""
     lock = lock_path(out)
     created = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):
+    deadline = time.monotonic() + EMPTY_LOCK_GRACE_S + 1
+    while time.monotonic() < deadline:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
@@ -69,7 +76,7 @@ def output_lock(out: Path) -> Iterator[Path]:
                 holder = json.loads(lock.read_text())
             except (OSError, ValueError):
                 holder = {}
-            if not holder and _age(lock) < 5:  # being written this instant: look again
+            if not holder and _age(lock) < EMPTY_LOCK_GRACE_S:  # being written, or its writer was killed: wait
                 time.sleep(0.2)
                 continue
             if holder and _held(holder):
