@@ -336,7 +336,8 @@ class Recipe:
     def _check_sections_read(self) -> None:
         """Every key set is read: awq reads gptq: only for its GPTQ solve (and not the grid keys, which come from
         awq:) and its clip keys only for solve rtn; gptq reads awq:'s scale search keys (and its own smooth_loss and
-        smooth_tokens) only when it smooths (smooth: awq, or auto at 4 bits). A key that would be ignored is an error naming it."""
+        smooth_tokens) only when it smooths (smooth: awq, or auto at 4 bits). A key that would be ignored is an error
+        naming it."""
         g, a = _changed(self.gptq), _changed(self.awq)
         if self.method is Method.GPTQ:
             unread = [k for k in g if k in ("smooth_loss", "smooth_tokens")]

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from ..core.config import Method, SmoothLoss, WeightSolve
-from ..quant.awq import (apply_clip, awq_quantize, diag_output_loss, fold_index, fold_scale_into_linear_outputs, fold_scale_into_norm,
-                         scale_linear_inputs, search_clip, search_scale)
+from ..quant.awq import (apply_clip, awq_quantize, diag_output_loss, fold_index, fold_scale_into_linear_outputs,
+                         fold_scale_into_norm, scale_linear_inputs, search_clip, search_scale)
 from ..quant.qformat import from_tensors, to_tensors
 from ..read.layermap import head_dim
 from .context import BlockResult, Context
@@ -131,11 +131,12 @@ def _fold_(block: nn.Module, group, prefix: str, x: torch.Tensor, kwargs: dict, 
                          f"(out_features {prev.out_features} do not map onto in_features {mods[0].in_features})")
             return x, None
         tie = tie.to(x.device)
+    ws = [m.weight.float() for m in mods]   # one fp32 copy (none on CPU), shared by the loss and the search
     if loss_kind is SmoothLoss.DIAG:
-        loss = diag_output_loss(x.reshape(-1, x.shape[-1]), [m.weight for m in mods])
+        loss = diag_output_loss(x.reshape(-1, x.shape[-1]), ws)
     else:
         loss = module_output_loss(block.get_submodule(group.inspect), mods, x, kwargs, batch) if group.inspect else None
-    res = search_scale(x, [m.weight.float() for m in mods], cfg, loss, tie, sym)
+    res = search_scale(x, ws, cfg, loss, tie, sym)
     s = res.scales.to(x.device)
     with torch.no_grad():
         if isinstance(prev, nn.Linear):  # every column sharing a tie has the same scale: scatter picks it
@@ -162,8 +163,8 @@ def group_label(group) -> str:
 def _search_and_fold(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor, rope: tuple, cfg,
                      sym: bool, loss_kind: SmoothLoss) -> tuple[list[torch.Tensor], list[str], dict]:
     """Steps 1 and 2 of the module docstring: capture, then each group's scale searched (on the symmetric grid if
-    sym, else AWQ's; scored by loss_kind) and folded. Returns (each group's input as its scaled weights now see it [n, T, K], notes,
-    the chosen scale per group: label -> (form, alpha), or ("none", 0.0) where no scale could be folded)."""
+    sym, else AWQ's; scored by loss_kind) and folded. Returns (each group's input as its scaled weights now see it
+    [n, T, K], notes, the chosen scale per group: label -> (form, alpha), or ("none", 0.0) where no scale could be folded)."""
     prefix, groups, batch = ctx.lmap.block_prefix(i), ctx.lmap.groups, ctx.recipe.run.forward_batch
     hd = head_dim(ctx.ckpt.config)
     idx = search_samples(hidden.shape[0], hidden.shape[1], cfg.search_tokens).to(hidden.device)
@@ -183,10 +184,10 @@ def _search_and_fold(ctx: Context, block: nn.Module, i: int, hidden: torch.Tenso
 def smooth_block(ctx: Context, block: nn.Module, i: int, hidden: torch.Tensor,
                  rope: tuple) -> tuple[dict[str, torch.Tensor], list[str], dict[str, tuple[str, float]]]:
     """GPTQ's smoothing (gptq.smooth: awq, or auto at 4 bits), before gptq_block: AWQ's scales (the recipe's awq:
-    search settings, GPTQ's group size, on gptq.smooth_tokens calibration tokens), searched on GPTQ's symmetric grid, each candidate scored by
-    gptq.smooth_loss (diag by default: no forward per candidate), and folded (LayerNorm weight and bias for q/k/v
-    and gate/up, v_proj's rows for o_proj, up_proj's for down_proj). Returns (the folded norms as written, in the checkpoint's dtype, notes, the
-    scale per group). The block's weights are left scaled, unquantized: gptq_block then solves them on all samples
+    search settings, GPTQ's group size, on gptq.smooth_tokens calibration tokens), searched on GPTQ's symmetric
+    grid, each candidate scored by gptq.smooth_loss (diag by default: no forward per candidate), and folded
+    (LayerNorm weight and bias for q/k/v and gate/up, v_proj's rows for o_proj, up_proj's for down_proj). Returns
+    (the folded norms as written, in the checkpoint's dtype, notes, the scale per group). The block's weights are left scaled, unquantized: gptq_block then solves them on all samples
     as usual, and the output is plain GPTQ (the inverse scale lives in the norms/linears before)."""
     cfg = replace(ctx.recipe.awq, group_size=ctx.recipe.gptq.group_size, search_tokens=ctx.recipe.gptq.smooth_tokens)
     xs, notes, scales = _search_and_fold(ctx, block, i, hidden, rope, cfg, sym=True,

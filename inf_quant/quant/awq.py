@@ -34,8 +34,7 @@ from .grid import QuantizedWeight, dequantize, qparams, quantize
 
 __all__ = [
     "ScaleResult", "ClipResult", "activation_stats", "weight_stats", "scale_candidates", "linear_output_loss",
-    "diag_output_loss",
-    "search_scale", "search_clip", "apply_clip",
+    "diag_output_loss", "search_scale", "search_clip", "apply_clip",
     "fold_scale_into_norm", "fold_scale_into_linear_outputs", "scale_linear_inputs",
     "can_fold_into_linear", "fold_index",
 ]
@@ -137,9 +136,14 @@ def activation_stats(x: Tensor) -> Tensor:
     x: [M, K] any float dtype, M = S*T calibration tokens; not modified
     returns [K] fp32 on x's device. Accumulated in fp32 over row chunks (no full fp32 copy of x).
     """
+    return _channel_mean(x, Tensor.abs)
+
+
+def _channel_mean(x: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+    """mean over rows of f(x), per column: x: [M, K] any float dtype -> [K] fp32, f applied to fp32 row chunks."""
     total = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
-        total += x[start:start + _ROWS_PER_CHUNK].to(torch.float32).abs().sum(dim=0)
+        total += f(x[start:start + _ROWS_PER_CHUNK].to(torch.float32)).sum(dim=0)
     return total / x.shape[0]
 
 
@@ -220,12 +224,10 @@ def diag_output_loss(x: Tensor, weights: list[Tensor]) -> Callable[[list[Tensor]
     channels co-vary, which is what makes it cheap: an elementwise pass over the candidates, no GEMM with x.
 
     x: [M, K] any float dtype (read once here, in row chunks; not kept); weights: list of [N_i, K] the original
-    weights. The returned callable takes the candidates Wq_i ([N_i, K] fp32). Peak extra: one [N_i, K] fp32.
+    weights (kept by reference when fp32, as search_scale's are). The returned callable takes the candidates Wq_i
+    ([N_i, K] fp32). Peak extra: one [N_i, K] fp32.
     """
-    d = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
-    for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
-        d += x[start:start + _ROWS_PER_CHUNK].to(torch.float32).pow(2).sum(dim=0)
-    d /= x.shape[0]
+    d = _channel_mean(x, torch.square)   # [K] fp32: mean_m x_mj^2
     ws32 = [w.to(torch.float32) for w in weights]
     n_rows = sum(w.shape[0] for w in weights)
 
