@@ -3,7 +3,8 @@ scored on text the defaults were not tuned on.
 
     python bench/peers.py [--configs gptq4-g64 gptq8-g64 awq4-g64] [--seeds 0 1] [--samples 16] [--seqlen 512]
                           [--heldout-windows 12] [--eval-windows 12] [--ours NAME="EXTRA CLI ARGS" ...]
-                          [--tree NAME="CHECKOUT_DIR [ARGS]" ...] [--tools inf-quant gptqmodel] [--tables RESULTS_JSON ...]
+                          [--tree NAME="CHECKOUT_DIR [ARGS]" ...] [--tools inf-quant gptqmodel]
+                          [--tables RESULTS_JSON ...]
 
 Both tools quantize the same bf16 checkpoint (bench/smollm2.py) from the same calibration token ids: inf-quant's
 own windows of the bundled calibration set (`prepare(recipe).ids`) for each calibration seed, handed to GPTQModel

@@ -14,8 +14,8 @@ from inf_quant.engine.awq_block import capture_group_inputs, module_output_loss,
 from inf_quant.quant import awq
 from inf_quant.quant.awq import (
     activation_stats, apply_clip, can_fold_into_linear, fold_scale_into_linear_outputs,
-    diag_output_loss, fold_index, fold_scale_into_norm, linear_output_loss, scale_candidates, scale_linear_inputs, search_clip, search_scale,
-    weight_stats,
+    diag_output_loss, fold_index, fold_scale_into_norm, linear_output_loss, scale_candidates, scale_linear_inputs,
+    search_clip, search_scale, weight_stats,
 )
 from inf_quant.read.layermap import LAYER_MAPS
 from tolerances import GRID_HALF_STEP_SLACK, assert_close

@@ -73,7 +73,8 @@ def _(t):
             t.root / "q"]
 
 
-@case("recipe-gptq-sets-awq-clip", 2, "r.yaml: awq.clip_grid: method gptq reads from the awq: section only the scale search",
+@case("recipe-gptq-sets-awq-clip", 2,
+      "r.yaml: awq.clip_grid: method gptq reads from the awq: section only the scale search",
       "remove it")
 def _(t):
     return ["gptq", "--recipe", _recipe(t, "method: gptq\nawq: {clip_grid: 10}\n"), "--out", t.root / "q"]

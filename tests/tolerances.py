@@ -93,7 +93,8 @@ BUNDLED_PPL_RTOL = 0.005
 # fraction of round-to-nearest's on the same grid. Measured on the held-out sources (2026-12-07, bf16 PPL 16.30, RTN
 # +66.3 %): today's default (smoothing + diag(H)-weighted range search) 0.34 (+22.8 %); without the smoothing 0.32
 # (+20.9 %: the gate's 2,048 eval tokens cannot resolve that difference; the held-out table can, bench/RESULTS.md);
-# the unweighted search (p=2.4) 0.41 (+27.0 %). On eval/ (the calibration sources) natural order, the old old default, measured 0.79: it would fail.
+# the unweighted search (p=2.4) 0.41 (+27.0 %). On eval/ (the calibration sources) natural order, an older default,
+# measured 0.79: it would fail.
 REAL_MODEL_MAX_RISE_VS_RTN = 0.5
 
 # Logits of the stablelm export vs the inflm layout of the same checkpoint, both run by transformers (bf16 weights in
