@@ -59,6 +59,7 @@ def test_repository_recipes_are_valid_and_pin_the_calibration_set():
     ("method: gptq\ngptq: {bits: 3}\n", "gptq.bits must be 4 or 8 (the bit widths Marlin/vLLM and gptqmodel load), got 3"),
     ("method: gptq\ngptq: {bits: 8, smooth: awq}\n",
      "gptq.bits with smooth: awq (--smooth awq) must be 4 (8-bit GPTQ loses ~0 already), got 8"),
+    ("method: gptq\ngptq: {smooth_tokens: 0}\n", "gptq.smooth_tokens must be >= 1, got 0"),
     ("method: gptq\ngptq: {bits: four}\n", "x.yaml.gptq.bits: expected int, got 'four'"),
     ("method: gptqq\n", "x.yaml.method: 'gptqq' is not one of 'gptq', 'awq'"),
     ("name: other\n", "name 'other' must match the file name 'x'"),
